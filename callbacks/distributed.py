@@ -1,0 +1,70 @@
+"""Collectives for measurements: per-sample values gathered by index, weighted scalar means.
+
+Both work without Lightning (plain ``torch.distributed``) and are no-ops in a single process.
+Call them on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device(t: Tensor) -> torch.device:
+    # gloo only moves CPU tensors; nccl only CUDA ones.
+    return t.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _all_gather_varlen(t: Tensor) -> Tensor:
+    """Concatenate ``t`` (``[n_rank, ...]``, ``n_rank`` may differ) from every rank, rank order."""
+    device = _comm_device(t)
+    t = t.to(device)
+    world = dist.get_world_size()
+    n = torch.tensor([t.shape[0]], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    chunks = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(chunks, padded)
+    return torch.cat([c[:s] for c, s in zip(chunks, sizes)])
+
+
+def gather_by_index(values: Tensor, idx: Tensor, num_total: int) -> Tensor:
+    """Scatter per-sample ``values [n, ...]`` of objects ``idx [n]`` into a full ``[num_total, ...]``.
+
+    Under DDP, values and indices are all-gathered first, so the result is identical on every
+    rank. Repeats of an index (the padding ``DistributedSampler`` adds) collapse onto one entry;
+    an index that no rank covered, or one outside ``[0, num_total)``, raises ``RuntimeError``.
+    """
+    if values.shape[0] != idx.shape[0]:
+        raise ValueError(f"values and idx disagree in length: {values.shape[0]} vs {idx.shape[0]}")
+    out_device = values.device
+    if is_distributed():
+        values, idx = _all_gather_varlen(values), _all_gather_varlen(idx)
+    idx = idx.long().to(values.device)
+    if idx.numel() and (idx.min() < 0 or idx.max() >= num_total):
+        raise RuntimeError(f"gather_by_index: indices outside [0, {num_total})")
+    counts = torch.bincount(idx, minlength=num_total)
+    if not bool((counts > 0).all()):
+        missing = (counts == 0).nonzero().flatten()[:5].tolist()
+        raise RuntimeError(f"gather_by_index: {int((counts == 0).sum())} of {num_total} indices not covered "
+                           f"(first {missing}); measure over the whole training set")
+    out = values.new_zeros((num_total, *values.shape[1:]))
+    out[idx] = values
+    return out.to(out_device)
+
+
+def weighted_mean(value_sum: Tensor | float, count: Tensor | float) -> Tensor:
+    """``Σ_ranks value_sum / Σ_ranks count``: a mean over samples, whatever each rank's share."""
+    pair = torch.tensor([float(value_sum), float(count)], dtype=torch.float64)
+    if is_distributed():
+        pair = pair.to(_comm_device(torch.empty(0, device="cuda" if dist.get_backend() == "nccl" else "cpu")))
+        dist.all_reduce(pair)
+    return (pair[0] / pair[1]).cpu()

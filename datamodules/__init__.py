@@ -1,0 +1,21 @@
+"""LightningDataModules whose training samples carry their index and gap."""
+
+from .augment import crop_flip, normalize, sample_crop_flip
+from .base import GapDataModule, IndexedDataset, Split, validate_gaps
+from .offline import DigitsDataModule, Toy2DDataModule
+from .vision import CIFAR10DataModule, CIFAR100DataModule, MNISTDataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "DigitsDataModule",
+    "GapDataModule",
+    "IndexedDataset",
+    "MNISTDataModule",
+    "Split",
+    "Toy2DDataModule",
+    "crop_flip",
+    "normalize",
+    "sample_crop_flip",
+    "validate_gaps",
+]

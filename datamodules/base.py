@@ -1,0 +1,178 @@
+"""The indexed, gap-carrying dataset and the DataModule base every data set builds on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .augment import crop_flip, normalize, sample_crop_flip
+
+
+@dataclass
+class Split:
+    """Inputs (uint8 images ``[N, C, H, W]`` or float features ``[N, ...]``) and labels ``[N]``."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+
+class IndexedDataset(Dataset):
+    """Yields ``{"x", "y", "idx", "gap"}`` for object ``idx``.
+
+    ``gaps`` lives in shared memory and is read at access time, so gaps set between fits or
+    epochs reach DataLoader workers, persistent ones included, without re-creating them.
+    """
+
+    def __init__(self, split: Split, gaps: Tensor | None = None, mean: Tensor | None = None,
+                 std: Tensor | None = None, pad: int = 0, flip: bool = False, augment: bool = False) -> None:
+        self.split, self.gaps, self.mean, self.std = split, gaps, mean, std
+        self.pad, self.flip, self.augment = pad, flip, augment and (pad > 0 or flip)
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, idx: int) -> dict[str, Tensor]:
+        x = self.split.x[idx]
+        if self.augment:
+            offsets, flips = sample_crop_flip(1, self.pad, self.flip)
+            x = crop_flip(x[None], offsets, flips, self.pad)[0]
+        x = normalize(x[None], self.mean, self.std)[0]
+        gap = self.gaps[idx] if self.gaps is not None else torch.zeros(())
+        return {"x": x, "y": self.split.y[idx], "idx": torch.tensor(idx), "gap": gap}
+
+
+def validate_gaps(gaps, num_train: int) -> Tensor:
+    """Check a gap vector for ``set_gaps``: 1-D, ``num_train`` long, real-valued, finite."""
+    if not torch.is_tensor(gaps):
+        try:
+            gaps = torch.as_tensor(gaps)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"set_gaps: gaps must be a tensor of shape [{num_train}], got {type(gaps).__name__}") from err
+    if gaps.dtype == torch.bool or gaps.is_complex():
+        raise TypeError(f"set_gaps: gaps must be real numbers (float or int), got dtype {gaps.dtype}")
+    if gaps.shape != (num_train,):
+        raise ValueError(f"set_gaps: gaps must have shape [num_train]=[{num_train}], got {list(gaps.shape)}")
+    gaps = gaps.detach().to("cpu", torch.float32)
+    bad = ~torch.isfinite(gaps)
+    if bad.any():
+        first = bad.nonzero()[:5].flatten().tolist()
+        raise ValueError(f"set_gaps: gaps must be finite; {int(bad.sum())} are NaN/inf (first indices {first})")
+    return gaps
+
+
+class GapDataModule(L.LightningDataModule):
+    """Base DataModule: every training sample carries its index and its gap.
+
+    Subclasses implement :meth:`load` returning ``(train, val, test)`` :class:`Split` s and set
+    ``num_classes``, ``input_shape``, ``mean``/``std`` (or ``None``), ``pad`` and ``flip``.
+
+    Args:
+        batch_size: training batch size (per process under DDP).
+        eval_batch_size: batch size of validation, test and measurement loaders.
+        num_workers: DataLoader workers.
+        persistent_workers: keep workers alive between epochs (gaps still reach them).
+        pin_memory: pin host memory for faster host-to-device copies.
+        augment: use the data set's training augmentation (crop/flip) for training batches.
+    """
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+    mean: Tensor | None = None
+    std: Tensor | None = None
+    pad: int = 0
+    flip: bool = False
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0,
+                 persistent_workers: bool = False, pin_memory: bool = False, augment: bool = True) -> None:
+        super().__init__()
+        for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                                 ("num_workers", num_workers, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
+        if persistent_workers and num_workers == 0:
+            raise ValueError("data.persistent_workers=true needs data.num_workers >= 1")
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.persistent_workers = num_workers, persistent_workers
+        self.pin_memory, self.augment = pin_memory, augment
+        self._splits: tuple[Split, Split, Split] | None = None
+        self._gaps: Tensor | None = None
+
+    # -- data -------------------------------------------------------------------------------
+    def load(self) -> tuple[Split, Split, Split]:
+        raise NotImplementedError(f"{type(self).__name__} must implement load() -> (train, val, test)")
+
+    def _ensure_loaded(self) -> tuple[Split, Split, Split]:
+        if self._splits is None:
+            self._splits = self.load()
+            self._gaps = torch.zeros(len(self._splits[0])).share_memory_()
+        return self._splits
+
+    def setup(self, stage: str | None = None) -> None:
+        self._ensure_loaded()
+
+    @property
+    def num_train(self) -> int:
+        return len(self._ensure_loaded()[0])
+
+    @property
+    def train_targets(self) -> Tensor:
+        return self._ensure_loaded()[0].y
+
+    # -- gaps -------------------------------------------------------------------------------
+    def set_gaps(self, gaps) -> None:
+        """Set the per-object gaps ``[num_train]`` used by the next training batches."""
+        checked = validate_gaps(gaps, self.num_train)
+        self._gaps.copy_(checked)  # in place: shared with DataLoader workers
+
+    @property
+    def gaps(self) -> Tensor:
+        self._ensure_loaded()
+        return self._gaps.clone()
+
+    # -- loaders ----------------------------------------------------------------------------
+    def _dataset(self, split: Split, train: bool) -> IndexedDataset:
+        return IndexedDataset(split, self._gaps if train else None, self.mean, self.std,
+                              self.pad, self.flip, augment=train and self.augment)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, sampler=None) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        train, _, _ = self._ensure_loaded()
+        return self._loader(self._dataset(train, train=True), self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        _, val, _ = self._ensure_loaded()
+        return self._loader(self._dataset(val, train=False), self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        _, _, test = self._ensure_loaded()
+        return self._loader(self._dataset(test, train=False), self.eval_batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def train_eval_dataloader(self, distributed: bool | None = None) -> DataLoader:
+        """Ordered, un-augmented loader over the whole training set, for measurements.
+
+        Batches carry ``idx`` and the current ``gap``. Under an initialised process group with
+        more than one rank (``distributed=None`` detects it) each rank gets a shard from a
+        non-shuffling ``DistributedSampler``; it pads with repeated objects, so gather results by
+        ``idx`` (see ``callbacks.gather_by_index``).
+        """
+        train, _, _ = self._ensure_loaded()
+        dataset = IndexedDataset(train, self._gaps, self.mean, self.std, augment=False)
+        if distributed is None:
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        sampler = DistributedSampler(dataset, shuffle=False, drop_last=False) if distributed else None
+        return self._loader(dataset, self.eval_batch_size, shuffle=False, sampler=sampler)

@@ -1,0 +1,158 @@
+"""Feature extractors ("backbones") and the registry that names them.
+
+A backbone maps an input batch to features ``[N, D]`` and exposes ``out_features = D``.
+Register a new one with :func:`register_backbone`, or pass the import path of an
+``nn.Module`` class (``"my_pkg.nets.MyNet"``) wherever a backbone name is accepted.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+BackboneBuilder = Callable[..., nn.Module]
+_REGISTRY: dict[str, BackboneBuilder] = {}
+
+
+def register_backbone(name: str) -> Callable[[BackboneBuilder], BackboneBuilder]:
+    """Decorator: ``@register_backbone("mynet")`` on ``def build(input_shape, **kwargs)``."""
+
+    def wrap(builder: BackboneBuilder) -> BackboneBuilder:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = builder
+        return builder
+
+    return wrap
+
+
+def available_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_backbone(name: str, input_shape: Sequence[int], **kwargs) -> nn.Module:
+    """Build a registered backbone by name, or an ``nn.Module`` class given by import path.
+
+    A class given by path is called as ``cls(input_shape=..., **kwargs)`` if it accepts
+    ``input_shape``, else ``cls(**kwargs)``. ``out_features`` is inferred by a dry forward
+    pass when the module does not define it.
+    """
+    if name in _REGISTRY:
+        net = _REGISTRY[name](tuple(input_shape), **kwargs)
+    elif "." in name:
+        module_name, _, cls_name = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"model.backbone: cannot import {name!r} ({err})") from err
+        try:
+            net = cls(input_shape=tuple(input_shape), **kwargs)
+        except TypeError:
+            net = cls(**kwargs)
+    else:
+        raise ValueError(
+            f"model.backbone: unknown backbone {name!r}; registered: {available_backbones()}, "
+            "or give the import path of an nn.Module class"
+        )
+    if not hasattr(net, "out_features"):
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            out = net(torch.zeros(2, *input_shape))
+        net.train(was_training)
+        if out.ndim != 2:
+            raise ValueError(f"model.backbone {name!r} must return features [N, D], got {tuple(out.shape)}")
+        net.out_features = out.shape[1]
+    return net
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BN; a 1x1 conv + BN shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for small images: 3x3 stem, no max-pool, global average pool to features."""
+
+    def __init__(self, in_channels: int, blocks: Sequence[int], widths: Sequence[int]) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+        )
+        layers, cin = [], widths[0]
+        for stage, (n, w) in enumerate(zip(blocks, widths)):
+            for b in range(n):
+                layers.append(BasicBlock(cin, w, 2 if (stage > 0 and b == 0) else 1))
+                cin = w
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_features = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.layers(self.stem(x))).flatten(1)
+
+
+def _channels(input_shape: Sequence[int], name: str) -> int:
+    if len(input_shape) != 3:
+        raise ValueError(f"model.backbone {name!r} needs image inputs [C, H, W], got input_shape={tuple(input_shape)}")
+    return input_shape[0]
+
+
+@register_backbone("resnet18")
+def resnet18(input_shape: Sequence[int], width: int = 64) -> nn.Module:
+    """CIFAR-style ResNet-18: [2, 2, 2, 2] basic blocks, widths w, 2w, 4w, 8w."""
+    return CifarResNet(_channels(input_shape, "resnet18"), [2, 2, 2, 2], [width, 2 * width, 4 * width, 8 * width])
+
+
+@register_backbone("resnet20")
+def resnet20(input_shape: Sequence[int], width: int = 16) -> nn.Module:
+    """CIFAR ResNet-20 (He et al.): [3, 3, 3] basic blocks, widths w, 2w, 4w."""
+    return CifarResNet(_channels(input_shape, "resnet20"), [3, 3, 3], [width, 2 * width, 4 * width])
+
+
+@register_backbone("small_cnn")
+def small_cnn(input_shape: Sequence[int], width: int = 32) -> nn.Module:
+    """Three conv-BN-ReLU blocks (w, 2w, 4w channels), the middle one strided, global pool."""
+    c = _channels(input_shape, "small_cnn")
+
+    def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+    net = nn.Sequential(
+        *block(c, width, 1), *block(width, 2 * width, 2), *block(2 * width, 4 * width, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+    net.out_features = 4 * width
+    return net
+
+
+@register_backbone("mlp")
+def mlp(input_shape: Sequence[int], width: int = 256, depth: int = 2) -> nn.Module:
+    """Flatten, then ``depth`` Linear-BN-ReLU layers of ``width`` units."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    cin = 1
+    for s in input_shape:
+        cin *= s
+    for _ in range(depth):
+        layers += [nn.Linear(cin, width, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
+        cin = width
+    net = nn.Sequential(*layers)
+    net.out_features = cin
+    return net

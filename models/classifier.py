@@ -1,0 +1,132 @@
+"""``MarginClassifier``: backbone, ``W ∘ BN`` head and the discounted cross-entropy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from .backbones import build_backbone
+from .heads import MarginHead
+from .losses import discounted_cross_entropy, margins
+
+SCHEDULER_INTERVALS = ("epoch", "step")
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9, lr 0.05, weight decay 5e-4 (the λ‖θ‖² term)."""
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+class MarginClassifier(L.LightningModule):
+    """``f(x) = W ∘ BN ∘ backbone(x)`` trained with the discounted cross-entropy.
+
+    Batches are mappings with keys ``x``, ``y``, ``idx`` and ``gap`` (a missing ``gap`` means 0).
+
+    Args:
+        num_classes: K (linked from the DataModule by the CLI).
+        input_shape: shape of one input, e.g. ``[3, 32, 32]`` (linked from the DataModule).
+        backbone: a registered name (``resnet18``, ``resnet20``, ``small_cnn``, ``mlp``) or the
+            import path of an ``nn.Module`` class.
+        backbone_kwargs: keyword arguments for the backbone builder (e.g. ``width``).
+        head_init: ``orthogonal``, ``kaiming`` or ``simplex_etf``.
+        head_scale: multiplies the head matrix (the logit scale).
+        freeze_head: keep ``W`` fixed (default); ``False`` for ablations.
+        head_seed: seed of the head initialisation; ``None`` draws from the global RNG.
+        optimizer: a callable ``params -> Optimizer`` (``class_path``/``init_args`` in YAML).
+        lr_scheduler: optional callable ``optimizer -> LRScheduler``.
+        scheduler_interval: ``epoch`` or ``step``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        input_shape: Sequence[int] = (3, 32, 32),
+        backbone: str = "resnet18",
+        backbone_kwargs: dict[str, Any] | None = None,
+        head_init: str = "orthogonal",
+        head_scale: float = 1.0,
+        freeze_head: bool = True,
+        head_seed: int | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str = "epoch",
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")
+        if scheduler_interval not in SCHEDULER_INTERVALS:
+            raise ValueError(f"model.scheduler_interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.backbone = build_backbone(backbone, input_shape, **(backbone_kwargs or {}))
+        self.head = MarginHead(self.backbone.out_features, num_classes, head_init, head_scale,
+                               frozen=freeze_head, seed=head_seed)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.scheduler_interval = scheduler_interval
+        # Metric objects accumulate locally and synchronise once per epoch (no per-step sync).
+        self.train_loss, self.train_margin = MeanMetric(), MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+    def theorem1_bound(self) -> Tensor:
+        """``2/K · ‖W‖₁`` (entrywise L1 norm of the head), logged next to the mean margin."""
+        w = self.head.weight
+        return 2.0 / w.shape[0] * w.detach().abs().sum()
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch["x"], batch["y"]
+        logits = self(x)
+        loss = discounted_cross_entropy(logits, y, batch.get("gap", 0.0))
+        n = y.shape[0]
+        self.train_loss.update(loss.detach(), weight=n)
+        self.train_acc.update(logits.detach(), y)
+        self.train_margin.update(margins(logits.detach(), y))
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log("train/margin_mean", self.train_margin, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/theorem1_bound", self.theorem1_bound(), sync_dist=False)
+
+    def _eval_step(self, batch: Mapping[str, Tensor], loss_metric: MeanMetric,
+                   acc_metric: MulticlassAccuracy, prefix: str) -> None:
+        x, y = batch["x"], batch["y"]
+        logits = self(x)
+        n = y.shape[0]
+        loss_metric.update(discounted_cross_entropy(logits, y), weight=n)
+        acc_metric.update(logits, y)
+        self.log(f"{prefix}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+        self.log(f"{prefix}/acc", acc_metric, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_loss, self.val_acc, "val")
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_loss, self.test_acc, "test")
+
+    def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        out = {"logits": self(batch["x"]), "y": batch["y"]}
+        if "idx" in batch:
+            out["idx"] = batch["idx"]
+        return out
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
