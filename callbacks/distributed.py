@@ -65,6 +65,7 @@ def weighted_mean(value_sum: Tensor | float, count: Tensor | float) -> Tensor:
     """``Σ_ranks value_sum / Σ_ranks count``: a mean over samples, whatever each rank's share."""
     pair = torch.tensor([float(value_sum), float(count)], dtype=torch.float64)
     if is_distributed():
-        pair = pair.to(_comm_device(torch.empty(0, device="cuda" if dist.get_backend() == "nccl" else "cpu")))
+        if dist.get_backend() == "nccl":
+            pair = pair.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(pair)
     return (pair[0] / pair[1]).cpu()

@@ -85,10 +85,13 @@ class MarginClassifier(L.LightningModule):
         w = self.head.weight
         return 2.0 / w.shape[0] * w.detach().abs().sum()
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch["x"], batch["y"]
-        logits = self(x)
-        loss = discounted_cross_entropy(logits, y, batch.get("gap", 0.0))
+    def loss_and_logits(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """The training criterion (discounted CE with the batch's gaps) and the logits."""
+        logits = self(batch["x"])
+        return discounted_cross_entropy(logits, batch["y"], batch.get("gap", 0.0)), logits
+
+    def log_train_metrics(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        """Accumulate loss, accuracy and mean margin; synchronised once per epoch."""
         n = y.shape[0]
         self.train_loss.update(loss.detach(), weight=n)
         self.train_acc.update(logits.detach(), y)
@@ -96,6 +99,10 @@ class MarginClassifier(L.LightningModule):
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
         self.log("train/margin_mean", self.train_margin, on_step=False, on_epoch=True, batch_size=n)
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        loss, logits = self.loss_and_logits(batch)
+        self.log_train_metrics(loss, logits, batch["y"])
         return loss
 
     def on_train_epoch_end(self) -> None:
