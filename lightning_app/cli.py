@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from datamodules import GapDataModule
@@ -55,12 +55,19 @@ class MarginBoostCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
 
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # A Rich progress bar by default, unless the config turns bars off or brings its own.
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        if config.get("enable_progress_bar", True) is not False and not any(
+                isinstance(c, ProgressBar) for c in configured):
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
 
 def build_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> MarginBoostCLI:
     kwargs.setdefault("trainer_defaults", {
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                    "init_args": {"save_dir": "runs", "name": "marginboost"}},
-        "callbacks": [RichProgressBar()],
     })
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     return MarginBoostCLI(MarginClassifier, GapDataModule, subclass_mode_model=True, subclass_mode_data=True,
