@@ -5,8 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import (CIFAR10DataModule, CIFAR100DataModule, DigitsDataModule, MNISTDataModule,
-                         Toy2DDataModule)
+from datamodules import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DigitsDataModule,
+    MNISTDataModule,
+    Toy2DDataModule,
+)
 from models import MarginClassifier
 
 
