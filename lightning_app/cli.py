@@ -10,9 +10,12 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules import GapDataModule
 from models import MarginClassifier
+
+from .boosting import BoostingConfig, BoostingOrchestrator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -49,11 +52,43 @@ def resolve_config_args(argv: list[str]) -> list[str]:
 
 
 class MarginBoostCLI(LightningCLI):
-    """LightningCLI with the data set's ``num_classes``/``input_shape`` linked into the model."""
+    """LightningCLI with the data set's ``num_classes``/``input_shape`` linked into the model.
+
+    A ``boosting:`` section in the config turns ``fit`` into a :class:`BoostingOrchestrator` run;
+    without it ``fit`` trains one model.
+    """
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
+        parser.add_argument("--boosting", type=BoostingConfig | None, default=None,
+                            help="Boosting section: train members in sequence with gaps fed back.")
+
+    def fit(self, model, datamodule=None, ckpt_path=None, **kwargs):
+        boosting = self._get(self.config_init, "boosting", default=None)
+        if boosting is None:
+            return self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        overrides = {}
+        if ckpt_path is not None:  # --ckpt_path RUN_DIR or RUN_DIR/state.pt resumes that run
+            path = Path(ckpt_path)
+            overrides = {"run_dir": path.parent if path.is_file() else path, "resume": True}
+        orchestrator = BoostingOrchestrator.from_config(boosting, **overrides)
+        return orchestrator.run(self._member_model, self._member_trainer, datamodule)
+
+    def _member_model(self, round_index: int, seed: int):
+        """A fresh member: the config instantiated again (after the orchestrator seeded)."""
+        self._member_init = self.parser.instantiate_classes(self.config)
+        return self._get(self._member_init, "model")
+
+    def _member_trainer(self, round_index: int, round_dir: Path):
+        """A fresh Trainer from the same config, logging and checkpointing under ``round_dir``."""
+        init = self._member_init
+        config = dict(self._get(init, "trainer", default={}))
+        if config.get("logger", True) is not False:
+            config["logger"] = TensorBoardLogger(save_dir=str(round_dir.parent), name=round_dir.name)
+        config["default_root_dir"] = str(round_dir)
+        extra = [self._get(init, key) for key in self._parser(self.subcommand).callback_keys]
+        return self._instantiate_trainer(config, extra)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # A Rich progress bar by default, unless the config turns bars off or brings its own.

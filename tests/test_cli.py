@@ -61,3 +61,9 @@ def test_lightning_fit_offline_config_writes_tensorboard_events(tmp_path):
     val_acc = acc.Scalars("val/acc")
     assert len(val_acc) == 4 and val_acc[-1].value > 0.8
     assert (events[0].parent / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("name", packaged_configs())
+def test_every_packaged_config_parses_and_instantiates(name):
+    cli = build_cli(["--config", resolve_config(name), "--trainer.logger=false"], run=False)
+    assert cli.model.hparams.num_classes == cli.datamodule.num_classes

@@ -1,0 +1,195 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from datamodules import Toy2DDataModule
+from lightning_app import (
+    BoostingOrchestrator,
+    ClippedGapRule,
+    GapRule,
+    MeanGapRule,
+    NoGapRule,
+    NormalizedGapRule,
+    TargetGapRule,
+    build_cli,
+    ensemble_metrics,
+    resolve_config,
+)
+from models import MarginClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gap_rules_by_hand():
+    M = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3
+    assert torch.equal(MeanGapRule()(M, 1), torch.tensor([5.0, 4.0, 3.0, 0.0]))
+    assert torch.equal(MeanGapRule(g_min=1.0, g_max=4.5)(M, 1), torch.tensor([4.5, 4.0, 3.0, 1.0]))
+    assert torch.equal(ClippedGapRule(0.5, 3.5)(M, 1), torch.tensor([3.5, 3.5, 3.0, 0.5]))
+    assert torch.equal(NormalizedGapRule()(M, 2), torch.tensor([2.5, 2.0, 1.5, 0.0]))
+    assert torch.equal(TargetGapRule(tau=2.0)(M, 2), torch.tensor([1.5, 1.0, 0.5, 0.0]))
+    assert torch.equal(NoGapRule()(M, 3), torch.zeros(4))
+    with pytest.raises(ValueError, match="g_min"):
+        MeanGapRule(g_min=2.0, g_max=1.0)
+    with pytest.raises(NotImplementedError):
+        GapRule()(M, 1)
+    with pytest.raises(ValueError, match="rounds_done"):
+        MeanGapRule()(M, 0)
+
+
+def test_ensemble_metrics_by_hand():
+    a = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [0.0, 3.0], [3.0, 0.0]])
+    y = torch.tensor([0, 1, 1])
+    m = ensemble_metrics([a, b], y, n_bins=10)
+    # boosted: sum [[2,1],[0,4],[4,0]] -> preds 0,1,0 -> 2/3 correct
+    assert m["boosted_acc"] == pytest.approx(2 / 3)
+    assert m["boosted_nll"] == pytest.approx(F.cross_entropy(a + b, y).item())
+    p = (a.double().softmax(1) + b.double().softmax(1)) / 2
+    assert m["deep_nll"] == pytest.approx(-p[torch.arange(3), y].log().mean().item())
+    assert m["deep_acc"] == pytest.approx(2 / 3)
+    assert m["member_acc_0"] == pytest.approx(2 / 3) and m["member_acc_1"] == pytest.approx(1 / 3)
+    assert m["disagreement"] == pytest.approx(1 / 3)  # members differ on object 0 only
+    conf, pred = p.max(1)  # ECE = Σ_b |B|/N·|acc_b − conf_b| over 10 equal-width bins
+    bins = (conf * 10).ceil().long()
+    ece = 0.0
+    for b_ in bins.unique():
+        sel = bins == b_
+        ece += sel.sum().item() / 3 * abs((pred[sel] == y[sel]).double().mean().item() - conf[sel].mean().item())
+    assert bins[1] == bins[2]  # objects 1 and 2 share a bin (same confidence)
+    assert m["deep_ece"] == pytest.approx(ece, abs=1e-6)
+
+
+class _RecordBatches(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append((batch["idx"].clone(), batch["gap"].clone()))
+
+
+def _orchestrate(run_dir, dm, rounds=2, resume=True, recorders=None):
+    def make_model(r, seed):
+        return MarginClassifier(num_classes=2, input_shape=(2,), backbone="mlp", backbone_kwargs={"width": 8})
+
+    def make_trainer(r, round_dir):
+        cbs = [recorders[r]] if recorders else []
+        return L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=str(round_dir), callbacks=cbs)
+
+    orch = BoostingOrchestrator(rounds, ClippedGapRule(-1.0, 2.0), run_dir, seed=3, resume=resume)
+    return orch.run(make_model, make_trainer, dm)
+
+
+def _margins_by_hand(model, dm):
+    model.eval()
+    train = dm._ensure_loaded()[0]
+    out = []
+    for i in range(dm.num_train):
+        x = (train.x[i:i + 1] - 0) if dm.mean is None else None
+        logits = model(x)[0].tolist()
+        y = int(train.y[i])
+        out.append(logits[y] - max(v for j, v in enumerate(logits) if j != y))
+    return torch.tensor(out)
+
+
+def test_orchestrator_feeds_rule_output_into_next_round(tmp_path):
+    dm = Toy2DDataModule(num_train=48, num_val=20, batch_size=16)
+    recorders = [_RecordBatches(), _RecordBatches()]
+    summary = _orchestrate(tmp_path, dm, recorders=recorders)
+    assert summary["rounds_done"] == 2 and len(summary["history"]) == 2
+    # round 1 trains with zero gaps
+    assert all(torch.equal(g, torch.zeros_like(g)) for _, g in recorders[0].seen)
+    # margins of member 1, by hand from its checkpoint, give the round-2 gaps through the rule
+    member1 = MarginClassifier.load_from_checkpoint(tmp_path / "round_0" / "member.ckpt")
+    m1 = _margins_by_hand(member1, dm)
+    saved = torch.load(tmp_path / "round_0" / "margins.pt")
+    torch.testing.assert_close(saved["member_margins"], m1, atol=1e-5, rtol=0)
+    expected = ClippedGapRule(-1.0, 2.0)(saved["member_margins"], 1)
+    assert torch.equal(saved["gaps"], expected)
+    idx = torch.cat([i for i, _ in recorders[1].seen])
+    gaps = torch.cat([g for _, g in recorders[1].seen])
+    assert sorted(idx.tolist()) == sorted(list(range(48)) * 2)  # two epochs, every object each epoch
+    assert torch.equal(gaps, expected[idx])
+    # the state after round 2: M is the sum of both members' margins
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    member2 = MarginClassifier.load_from_checkpoint(tmp_path / "round_1" / "member.ckpt")
+    torch.testing.assert_close(state["M"], m1 + _margins_by_hand(member2, dm), atol=1e-5, rtol=0)
+    assert torch.equal(dm.gaps, state["gaps"])
+    assert [m["seed"] for m in state["members"]] == [3, 4]
+    # summary.json and the TensorBoard events of the ensemble
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["history"][1]["boosted_acc"] == summary["history"][1]["boosted_acc"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "ensemble"), size_guidance={"histograms": 0, "images": 0}).Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"ensemble/boosted_acc", "ensemble/deep_acc", "ensemble/boosted_nll", "ensemble/deep_ece",
+            "ensemble/disagreement", "member/acc"} <= scalars
+    assert [e.step for e in acc.Scalars("ensemble/boosted_acc")] == [1, 2]
+    assert {"margins/member", "margins/ensemble", "gaps/values"} <= set(acc.Tags()["histograms"])
+    assert "margins/ensemble_by_round" in acc.Tags()["images"]
+
+
+def test_resume_refuses_other_data_and_existing_run(tmp_path):
+    _orchestrate(tmp_path, Toy2DDataModule(num_train=32, num_val=8), rounds=1)
+    with pytest.raises(ValueError, match="different training set"):
+        _orchestrate(tmp_path, Toy2DDataModule(num_train=32, num_val=8, seed=1), rounds=2)
+    with pytest.raises(ValueError, match="different training set"):
+        _orchestrate(tmp_path, Toy2DDataModule(num_train=40, num_val=8), rounds=2)
+    with pytest.raises(FileExistsError, match="boosting.resume"):
+        _orchestrate(tmp_path, Toy2DDataModule(num_train=32, num_val=8), rounds=2, resume=False)
+
+
+def test_bad_boosting_config():
+    with pytest.raises(ValueError, match="boosting.rounds"):
+        BoostingOrchestrator(rounds=0)
+    with pytest.raises(TypeError, match="boosting.gap_rule"):
+        BoostingOrchestrator(gap_rule=lambda m, t: m)
+
+
+def test_cli_boosting_section_is_optional():
+    cfg = resolve_config("digits_boost.yaml")
+    cli = build_cli(["--config", cfg, "--trainer.logger=false"], run=False)
+    boosting = cli.config_init["boosting"]
+    assert boosting.rounds == 3 and isinstance(boosting.gap_rule, ClippedGapRule)
+    assert boosting.gap_rule.g_max == 4.0
+    cli = build_cli(["--config", resolve_config("digits.yaml"), "--trainer.logger=false"], run=False)
+    assert cli.config_init["boosting"] is None
+
+
+def _boost(tmp_path, name, *args, check=True):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests' / 'scripts'}"}
+    cmd = [sys.executable, str(REPO / "tests" / "scripts" / "boost_run.py"), "--run-dir", str(tmp_path / name), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, torch.load(tmp_path / name / "state.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    _, full = _boost(tmp_path, "full", "--rounds", "3")
+    proc, partial = _boost(tmp_path, "killed", "--rounds", "3", "--kill-round", "1", check=False)
+    assert proc.returncode == 3 and partial["rounds_done"] == 1  # died in round 2, round 1 kept
+    _, resumed = _boost(tmp_path, "killed", "--rounds", "3")
+    assert resumed["rounds_done"] == 3
+    assert torch.equal(resumed["M"], full["M"]) and torch.equal(resumed["gaps"], full["gaps"])
+    assert [h["boosted_acc"] for h in resumed["history"]] == [h["boosted_acc"] for h in full["history"]]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    _, one = _boost(tmp_path, "one", "--devices", "1", "--batch-size", "16")
+    _, two = _boost(tmp_path, "two", "--devices", "2", "--batch-size", "8")
+    assert two["rounds_done"] == 2
+    torch.testing.assert_close(two["M"], one["M"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(two["gaps"], one["gaps"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(two["val_logits"][1], one["val_logits"][1], atol=1e-4, rtol=1e-4)
