@@ -91,10 +91,10 @@ def _orchestrate(run_dir, dm, rounds=2, resume=True, recorders=None):
 def _margins_by_hand(model, dm):
     model.eval()
     train = dm._ensure_loaded()[0]
+    assert dm.mean is None  # Toy2D features are used as stored
     out = []
     for i in range(dm.num_train):
-        x = (train.x[i:i + 1] - 0) if dm.mean is None else None
-        logits = model(x)[0].tolist()
+        logits = model(train.x[i:i + 1])[0].tolist()
         y = int(train.y[i])
         out.append(logits[y] - max(v for j, v in enumerate(logits) if j != y))
     return torch.tensor(out)
