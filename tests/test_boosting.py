@@ -193,3 +193,23 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     torch.testing.assert_close(two["M"], one["M"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(two["gaps"], one["gaps"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(two["val_logits"][1], one["val_logits"][1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_boosting_run_and_ckpt_path_resume(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run_dir = tmp_path / "run"
+    base = [sys.executable, "-m", "lightning_app", "fit", "--config", "digits_boost.yaml", "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=1"]
+    first = subprocess.run(base + ["--boosting.rounds=2", f"--boosting.run_dir={run_dir}"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    two = json.loads((run_dir / "summary.json").read_text())
+    assert two["rounds_done"] == 2 and (run_dir / "round_1" / "member.ckpt").exists()
+    assert list((run_dir / "round_0").rglob("events.out.tfevents.*"))  # the member's own TensorBoard run
+    more = subprocess.run(base + ["--boosting.rounds=3", "--ckpt_path", str(run_dir)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-3000:]
+    three = json.loads((run_dir / "summary.json").read_text())
+    assert three["rounds_done"] == 3 and three["history"][:2] == two["history"]
+    assert "boosting round 3/3" in more.stdout and "boosting round 1/3" not in more.stdout
