@@ -18,3 +18,19 @@ __all__ = [
     "margins",
     "register_backbone",
 ]
+
+# Sharpness-aware training and curvature penalties (issue 5).
+from .penalties import CurvaturePenaltyClassifier, gradient_norm, hutchinson_trace  # noqa: E402
+from .sam import find_scale_invariant, riemannian_epsilon, sam_epsilon  # noqa: E402
+from .sharpness_aware import ManualStepClassifier, SAMClassifier  # noqa: E402
+
+__all__ += [
+    "CurvaturePenaltyClassifier",
+    "ManualStepClassifier",
+    "SAMClassifier",
+    "find_scale_invariant",
+    "gradient_norm",
+    "hutchinson_trace",
+    "riemannian_epsilon",
+    "sam_epsilon",
+]
