@@ -2,16 +2,19 @@
 
 from .augment import crop_flip, normalize, sample_crop_flip
 from .base import GapDataModule, IndexedDataset, Split, validate_gaps
+from .device_resident import DeviceResidentLoader, ShardedPermutation
 from .offline import DigitsDataModule, Toy2DDataModule
 from .vision import CIFAR10DataModule, CIFAR100DataModule, MNISTDataModule
 
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "DeviceResidentLoader",
     "DigitsDataModule",
     "GapDataModule",
     "IndexedDataset",
     "MNISTDataModule",
+    "ShardedPermutation",
     "Split",
     "Toy2DDataModule",
     "crop_flip",

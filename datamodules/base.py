@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .augment import crop_flip, normalize, sample_crop_flip
+from .device_resident import DeviceResidentLoader
 
 
 @dataclass
@@ -81,6 +82,10 @@ class GapDataModule(L.LightningDataModule):
         persistent_workers: keep workers alive between epochs (gaps still reach them).
         pin_memory: pin host memory for faster host-to-device copies.
         augment: use the data set's training augmentation (crop/flip) for training batches.
+        device_resident: keep the training set on the trainer's device and make training batches
+            there (gather, crop/flip, normalise; no workers); see
+            :class:`~datamodules.device_resident.DeviceResidentLoader`. Validation, test and
+            measurement loaders are unchanged.
     """
 
     num_classes: int
@@ -91,7 +96,8 @@ class GapDataModule(L.LightningDataModule):
     flip: bool = False
 
     def __init__(self, batch_size: int = 128, eval_batch_size: int = 512, num_workers: int = 0,
-                 persistent_workers: bool = False, pin_memory: bool = False, augment: bool = True) -> None:
+                 persistent_workers: bool = False, pin_memory: bool = False, augment: bool = True,
+                 device_resident: bool = False) -> None:
         super().__init__()
         for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                  ("num_workers", num_workers, 0)):
@@ -104,6 +110,20 @@ class GapDataModule(L.LightningDataModule):
         self.pin_memory, self.augment = pin_memory, augment
         self._splits: tuple[Split, Split, Split] | None = None
         self._gaps: Tensor | None = None
+        self._resident_loader: DeviceResidentLoader | None = None
+        self._resident_cache: dict = {}  # device -> training split on it, reused across fits
+        self.device_resident = device_resident
+
+    @property
+    def device_resident(self) -> bool:
+        """Whether training batches are made on the accelerator (settable before a fit)."""
+        return self._device_resident
+
+    @device_resident.setter
+    def device_resident(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"data.device_resident must be true or false, got {value!r}")
+        self._device_resident = value
 
     # -- data -------------------------------------------------------------------------------
     def load(self) -> tuple[Split, Split, Split]:
@@ -131,6 +151,8 @@ class GapDataModule(L.LightningDataModule):
         """Set the per-object gaps ``[num_train]`` used by the next training batches."""
         checked = validate_gaps(gaps, self.num_train)
         self._gaps.copy_(checked)  # in place: shared with DataLoader workers
+        if self._resident_loader is not None:
+            self._resident_loader.refresh_gaps()
 
     @property
     def gaps(self) -> Tensor:
@@ -147,9 +169,29 @@ class GapDataModule(L.LightningDataModule):
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.persistent_workers)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceResidentLoader:
         train, _, _ = self._ensure_loaded()
+        if self.device_resident:
+            return self.device_resident_loader()
         return self._loader(self._dataset(train, train=True), self.batch_size, shuffle=True)
+
+    def device_resident_loader(self, device: torch.device | str | None = None) -> DeviceResidentLoader:
+        """The training loader of ``device_resident=True``, usable without it too.
+
+        ``device`` defaults to the attached trainer's root device (CPU without a trainer); under a
+        multi-process trainer the loader shards like ``DistributedSampler`` by the trainer's global
+        rank and world size.
+        """
+        train, _, _ = self._ensure_loaded()
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if device is None:
+            device = trainer.strategy.root_device if trainer is not None else "cpu"
+        self._resident_loader = DeviceResidentLoader(
+            train, self._gaps, self.batch_size, mean=self.mean, std=self.std, pad=self.pad, flip=self.flip,
+            augment=self.augment, shuffle=True, device=device, rank=rank, world_size=world_size,
+            cache=self._resident_cache)
+        return self._resident_loader
 
     def val_dataloader(self) -> DataLoader:
         _, val, _ = self._ensure_loaded()
