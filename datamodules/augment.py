@@ -28,7 +28,7 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, pad: int) -> Tenso
     Same semantics as torchvision's ``RandomCrop(size, padding=pad)`` followed by
     ``RandomHorizontalFlip`` on unnormalised pixels.
     """
-    if pad == 0 and not bool(flips.any()):
+    if pad == 0 and not flips.is_cuda and not bool(flips.any()):  # no host sync on an accelerator
         return images
     b, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad)) if pad else images

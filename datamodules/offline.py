@@ -40,8 +40,9 @@ class DigitsDataModule(GapDataModule):
 
     def __init__(self, val_fraction: float = 0.2, split_seed: int = 0, batch_size: int = 64,
                  eval_batch_size: int = 512, num_workers: int = 0, persistent_workers: bool = False,
-                 pin_memory: bool = False, augment: bool = True) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory, augment)
+                 pin_memory: bool = False, augment: bool = True, device_resident: bool = False) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory, augment,
+                         device_resident)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.val_fraction, self.split_seed = val_fraction, split_seed
@@ -84,8 +85,9 @@ class Toy2DDataModule(GapDataModule):
 
     def __init__(self, kind: str = "moons", num_train: int = 512, num_val: int = 512, noise: float = 0.2,
                  seed: int = 0, batch_size: int = 64, eval_batch_size: int = 1024, num_workers: int = 0,
-                 persistent_workers: bool = False, pin_memory: bool = False) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory, augment=False)
+                 persistent_workers: bool = False, pin_memory: bool = False, device_resident: bool = False) -> None:
+        super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory, augment=False,
+                         device_resident=device_resident)
         if kind not in TOY_KINDS:
             raise ValueError(f"data.kind: unknown {kind!r}; allowed: {list(TOY_KINDS)}")
         for name, value in (("num_train", num_train), ("num_val", num_val)):

@@ -52,10 +52,10 @@ class _CIFARDataModule(_DownloadableDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
                  eval_batch_size: int = 1000, num_workers: int = 0, persistent_workers: bool = False,
-                 pin_memory: bool = False, augment: bool = True) -> None:
+                 pin_memory: bool = False, augment: bool = True, device_resident: bool = False) -> None:
         super().__init__(data_dir, download, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, persistent_workers=persistent_workers,
-                         pin_memory=pin_memory, augment=augment)
+                         pin_memory=pin_memory, augment=augment, device_resident=device_resident)
 
     def required_files(self) -> list[str]:
         return [f"{self.folder}/{f}" for f in self.train_files + self.test_files]
@@ -125,10 +125,10 @@ class MNISTDataModule(_DownloadableDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = True, batch_size: int = 128,
                  eval_batch_size: int = 1000, num_workers: int = 0, persistent_workers: bool = False,
-                 pin_memory: bool = False, augment: bool = True) -> None:
+                 pin_memory: bool = False, augment: bool = True, device_resident: bool = False) -> None:
         super().__init__(data_dir, download, batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, persistent_workers=persistent_workers,
-                         pin_memory=pin_memory, augment=augment)
+                         pin_memory=pin_memory, augment=augment, device_resident=device_resident)
 
     def required_files(self) -> list[str]:
         return [f"MNIST/raw/{f}" for f in self.raw_files]

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
+from callbacks.base import SharpnessCallback
 from callbacks.distributed import is_distributed
 from models.losses import margins
 
@@ -67,6 +68,17 @@ def training_set_fingerprint(targets: Tensor) -> dict[str, Any]:
     """Size and SHA-256 of the labels: enough to tell two training sets apart on resume."""
     digest = hashlib.sha256(targets.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()
     return {"num_train": int(targets.numel()), "label_sha256": digest}
+
+
+def member_sharpness(trainer: L.Trainer) -> dict[str, float]:
+    """Scalar values the member's ``SharpnessCallback`` s measured at its last step (fit end)."""
+    out = {}
+    for cb in trainer.callbacks:
+        if isinstance(cb, SharpnessCallback):
+            for entry in cb.history:
+                if entry["global_step"] == trainer.global_step and isinstance(entry["value"], float):
+                    out[entry["metric"]] = entry["value"]
+    return out
 
 
 def _comm_tensor(t: Tensor) -> Tensor:
@@ -225,7 +237,7 @@ class BoostingOrchestrator:
                       "score_seconds": score_seconds, **metrics,
                       "member_train_margin": _margin_summary(m),
                       "ensemble_train_margin": _margin_summary(margins(logit_sum, targets)),
-                      "gap": _margin_summary(gaps)}
+                      "gap": _margin_summary(gaps), "sharpness": member_sharpness(trainer)}
             state["members"].append({"round": r + 1, "seed": seed, "checkpoint": str(checkpoint)})
             state["history"].append(record)
             state["rounds_done"] = r + 1
@@ -275,6 +287,8 @@ def _log_round(log_dir: Path, state: dict[str, Any], member_margins: Tensor, tar
         for key, value in record["ensemble_train_margin"].items():
             writer.add_scalar(f"ensemble/train_margin_{key}", value, step)
         writer.add_scalar("gaps/mean", record["gap"]["mean"], step)
+        for key, value in record["sharpness"].items():
+            writer.add_scalar(f"member/{key}", value, step)
         ensemble_margins = margins(state["train_logit_sum"], targets)
         writer.add_histogram("margins/member", member_margins, step)
         writer.add_histogram("margins/ensemble", ensemble_margins, step)

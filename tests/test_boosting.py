@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from callbacks import GradientNormWidth
 from datamodules import Toy2DDataModule
 from lightning_app import (
     BoostingOrchestrator,
@@ -79,7 +80,7 @@ def _orchestrate(run_dir, dm, rounds=2, resume=True, recorders=None):
         return MarginClassifier(num_classes=2, input_shape=(2,), backbone="mlp", backbone_kwargs={"width": 8})
 
     def make_trainer(r, round_dir):
-        cbs = [recorders[r]] if recorders else []
+        cbs = [recorders[r], GradientNormWidth(every_n_epochs=None)] if recorders else []
         return L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          default_root_dir=str(round_dir), callbacks=cbs)
@@ -136,6 +137,12 @@ def test_orchestrator_feeds_rule_output_into_next_round(tmp_path):
     assert [e.step for e in acc.Scalars("ensemble/boosted_acc")] == [1, 2]
     assert {"margins/member", "margins/ensemble", "gaps/values"} <= set(acc.Tags()["histograms"])
     assert "margins/ensemble_by_round" in acc.Tags()["images"]
+    # each member's fit-end sharpness lands in its round record and in the ensemble's events
+    width = summary["history"][1]["sharpness"]
+    assert width and all(k.startswith("width/") for k in width)
+    key = next(iter(width))
+    assert [e.value for e in acc.Scalars(f"member/{key}")] == pytest.approx(
+        [h["sharpness"][key] for h in summary["history"]])
 
 
 def test_resume_refuses_other_data_and_existing_run(tmp_path):

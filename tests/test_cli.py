@@ -67,3 +67,10 @@ def test_lightning_fit_offline_config_writes_tensorboard_events(tmp_path):
 def test_every_packaged_config_parses_and_instantiates(name):
     cli = build_cli(["--config", resolve_config(name), "--trainer.logger=false"], run=False)
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes
+
+
+def test_device_resident_reaches_the_datamodule_from_yaml():
+    cli = build_cli(["--config", resolve_config("digits.yaml"), "--trainer.logger=false",
+                     "--data.init_args.device_resident=true"], run=False)
+    assert cli.datamodule.device_resident is True
+    assert type(cli.datamodule.train_dataloader()).__name__ == "DeviceResidentLoader"
