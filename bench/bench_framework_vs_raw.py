@@ -30,8 +30,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -55,10 +53,6 @@ def add_common_args(parser: argparse.ArgumentParser, steps: int) -> None:
                         help="default: bf16-mixed on CUDA, 32-true on CPU")
     parser.add_argument("--channels-last", action="store_true", help="MarginClassifier(channels_last=True)")
     parser.add_argument("--compile", action="store_true", help="MarginClassifier(compile_backbone=True)")
-    parser.add_argument("--sync-free-metrics", action="store_true",
-                        help="swap the module's training metrics for ones that skip input checks "
-                             "(MeanMetric nan_strategy='disable', MulticlassAccuracy validate_args=False): "
-                             "those checks read values back to the host, one device sync each per step")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 on CPU, steadier on a shared machine; torch's on CUDA)")
     parser.add_argument("--seed", type=int, default=0)
@@ -112,10 +106,6 @@ def build_model(args: argparse.Namespace) -> MarginClassifier:
     model = MarginClassifier(num_classes=10, input_shape=(3, 32, 32), backbone=args.backbone,
                              backbone_kwargs=kwargs, channels_last=args.channels_last,
                              compile_backbone=args.compile)
-    if args.sync_free_metrics:
-        model.train_loss = MeanMetric(nan_strategy="disable")
-        model.train_margin = MeanMetric(nan_strategy="disable")
-        model.train_acc = MulticlassAccuracy(10, average="micro", validate_args=False)
     return model
 
 
