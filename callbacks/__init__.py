@@ -2,7 +2,7 @@
 
 from .base import Measurement, MeasurementBatches, ModelState, SharpnessCallback, preserved_state
 from .distributed import gather_by_index, is_distributed, weighted_mean
-from .functional import collect_margins, margin_summary
+from .functional import collect_logits, collect_margins, margin_summary, per_sample_outputs
 from .hessian import (
     HessianOperator,
     TraceEstimate,
@@ -34,6 +34,7 @@ __all__ = [
     "SharpnessCallback",
     "TraceEstimate",
     "WidthEstimate",
+    "collect_logits",
     "collect_margins",
     "gather_by_index",
     "gradient_norm_width",
@@ -45,6 +46,7 @@ __all__ = [
     "is_distributed",
     "lanczos_top_eigenvalues",
     "margin_summary",
+    "per_sample_outputs",
     "preserved_state",
     "scale_invariant_parameters",
     "scale_invariant_structure",

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .distributed import _comm_device, is_distributed
+from .distributed import comm_device, is_distributed
 from .functional import BN_MODES, as_batch, batch_len, batch_to, batchnorm_mode, resolve_criterion
 
 
@@ -53,14 +53,17 @@ class ModelState:
     ``None``), ``requires_grad``, every module's train/eval flag, and the RNG states (torch CPU,
     CUDA when initialised, numpy, python ``random``)."""
 
-    tensors: list[tuple[Tensor, Tensor]]
+    tensors: list[tuple[dict, str, Tensor, Tensor]]
     grads: list[tuple[nn.Parameter, Tensor | None, Tensor | None, bool]]
     modes: list[tuple[nn.Module, bool]]
     rng: dict[str, Any]
 
     @classmethod
     def capture(cls, model: nn.Module) -> ModelState:
-        tensors = [(t, t.detach().clone()) for t in [*model.parameters(), *model.buffers()]]
+        # (owning dict, name, the tensor object, its value): a block may re-bind an attribute or
+        # change a tensor's dtype/device (``model.double()``); both are undone.
+        tensors = [(slots, name, t, t.detach().clone()) for m in model.modules()
+                   for slots in (m._parameters, m._buffers) for name, t in slots.items() if t is not None]
         grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone(), p.requires_grad)
                  for p in model.parameters()]
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -70,13 +73,15 @@ class ModelState:
 
     def restore(self) -> None:
         with torch.no_grad():
-            for t, saved in self.tensors:
-                t.copy_(saved)
+            for slots, name, t, saved in self.tensors:
+                slots[name] = t
+                _put_back(t, saved)
         for p, grad, value, requires_grad in self.grads:
             p.requires_grad_(requires_grad)
-            p.grad = grad
             if grad is not None:
-                grad.copy_(value)
+                with torch.no_grad():
+                    _put_back(grad, value)
+            p.grad = grad
         for m, flag in self.modes:
             m.training = flag
         torch.set_rng_state(self.rng["torch"])
@@ -84,6 +89,14 @@ class ModelState:
         random.setstate(self.rng["python"])
         if "cuda" in self.rng:
             torch.cuda.set_rng_state_all(self.rng["cuda"])
+
+
+def _put_back(t: Tensor, saved: Tensor) -> None:
+    """Give ``t`` the value of ``saved`` in place (same object), dtype, device and shape included."""
+    if t.dtype != saved.dtype or t.device != saved.device or t.shape != saved.shape:
+        t.data = saved.clone()
+    else:
+        t.copy_(saved)
 
 
 @contextmanager
@@ -153,8 +166,8 @@ class SharpnessCallback(Callback):
     The base class owns:
 
     * **schedule**: every ``every_n_epochs`` training epochs (``None``/``0``: never), once at
-      ``at_fit_end``, and whenever :meth:`measure_now` is called (the boosting orchestrator calls
-      it at the end of a round);
+      ``at_fit_end`` (in a boosting run: every member, each round being one fit), and whenever
+      :meth:`measure_now` is called;
     * **data**: the DataModule's ordered, un-augmented ``train_eval_dataloader()`` dataset, the
       whole training set or a fixed seeded subset of ``num_batches`` batches of ``batch_size``.
       Under DDP whole batches are dealt to ranks round-robin, so every batch is the batch one
@@ -382,7 +395,7 @@ class SharpnessCallback(Callback):
             se = (m.stderr * n_local) ** 2 if (m.stderr is not None and n_local) else 0.0
             rows.append([value, se, float(n_local), float(m.stderr is not None)])
         t = torch.tensor(rows or [[0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
-        buf = t.to(_comm_device(t))
+        buf = t.to(comm_device())
         dist.all_reduce(buf)
         t = buf.cpu()
         for i, k in enumerate(keys):
@@ -461,9 +474,15 @@ class SharpnessCallback(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = None
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Measured here rather than in on_fit_end: Lightning moves the module back to the CPU
+        # between the two, and a fit-end Hessian should run on the training device.
         if self.at_fit_end and self._last_step != trainer.global_step:
             self.measure_now(trainer, pl_module, tag="fit_end")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A fit with no training batches never calls on_train_end.
+        self.on_train_end(trainer, pl_module)
 
     @property
     def state_key(self) -> str:

@@ -15,14 +15,17 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _comm_device(t: Tensor) -> torch.device:
-    # gloo only moves CPU tensors; nccl only CUDA ones.
-    return t.device if dist.get_backend() == "nccl" else torch.device("cpu")
+def comm_device() -> torch.device:
+    """Where collectives' tensors must live: this rank's GPU under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
 
 
 def _all_gather_varlen(t: Tensor) -> Tensor:
     """Concatenate ``t`` (``[n_rank, ...]``, ``n_rank`` may differ) from every rank, rank order."""
-    device = _comm_device(t)
+    device = comm_device()
     t = t.to(device)
     world = dist.get_world_size()
     n = torch.tensor([t.shape[0]], device=device)
@@ -56,8 +59,14 @@ def gather_by_index(values: Tensor, idx: Tensor, num_total: int) -> Tensor:
         missing = (counts == 0).nonzero().flatten()[:5].tolist()
         raise RuntimeError(f"gather_by_index: {int((counts == 0).sum())} of {num_total} indices not covered "
                            f"(first {missing}); measure over the whole training set")
+    # Keep the first occurrence (lowest rank, earliest batch) of a repeated index: the padding
+    # copies may differ in the last bits, and an indexed write of duplicates has no defined winner.
+    order = torch.sort(idx, stable=True).indices
+    sorted_idx = idx[order]
+    first = torch.ones_like(sorted_idx, dtype=torch.bool)
+    first[1:] = sorted_idx[1:] != sorted_idx[:-1]
     out = values.new_zeros((num_total, *values.shape[1:]))
-    out[idx] = values
+    out[sorted_idx[first]] = values[order[first]]
     return out.to(out_device)
 
 
@@ -65,7 +74,6 @@ def weighted_mean(value_sum: Tensor | float, count: Tensor | float) -> Tensor:
     """``Σ_ranks value_sum / Σ_ranks count``: a mean over samples, whatever each rank's share."""
     pair = torch.tensor([float(value_sum), float(count)], dtype=torch.float64)
     if is_distributed():
-        if dist.get_backend() == "nccl":
-            pair = pair.to(torch.device("cuda", torch.cuda.current_device()))
+        pair = pair.to(comm_device())
         dist.all_reduce(pair)
     return (pair[0] / pair[1]).cpu()

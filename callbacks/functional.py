@@ -20,29 +20,43 @@ def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def collect_margins(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], num_total: int,
-                    device: torch.device | str | None = None) -> Tensor:
-    r"""Margins :math:`f_y - \max_{j\ne y} f_j` of every object, indexed by the batches' ``idx``.
+def per_sample_outputs(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], num_total: int,
+                       outputs: Callable[[Tensor, Mapping[str, Tensor]], tuple[Tensor, ...]],
+                       device: torch.device | str | None = None) -> tuple[Tensor, ...]:
+    """One eval-mode, fp32 (autocast off) pass; ``outputs(logits, batch)`` per batch, placed by ``idx``.
 
-    Runs the model in eval mode, fp32 (autocast off), and restores its train/eval mode. Under
-    DDP each rank passes its shard and all receive the same full ``[num_total]`` tensor.
+    Restores the model's train/eval mode. Under DDP each rank passes its shard and every rank
+    receives the same full ``[num_total, ...]`` tensors (see :func:`gather_by_index`).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    values, indices = [], []
+    parts, indices = [], []
     try:
         with torch.autocast(device.type, enabled=False):
             for batch in loader:
                 batch = _to(batch, device)
-                logits = model(batch["x"]).float()
-                values.append(margins_from_logits(logits, batch["y"]))
+                parts.append(outputs(model(batch["x"]).float(), batch))
                 indices.append(batch["idx"])
     finally:
         model.train(was_training)
-    if not values:
-        raise ValueError("collect_margins: the loader yielded no batches")
-    return gather_by_index(torch.cat(values), torch.cat(indices), num_total)
+    if not parts:
+        raise ValueError("the measurement loader yielded no batches")
+    idx = torch.cat(indices)
+    return tuple(gather_by_index(torch.cat(column), idx, num_total) for column in zip(*parts))
+
+
+def collect_margins(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], num_total: int,
+                    device: torch.device | str | None = None) -> Tensor:
+    r"""Margins :math:`f_y - \max_{j\ne y} f_j` ``[num_total]`` of every object, by the batches' ``idx``."""
+    return per_sample_outputs(model, loader, num_total,
+                              lambda logits, b: (margins_from_logits(logits, b["y"]),), device)[0]
+
+
+def collect_logits(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], num_total: int,
+                   device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """fp32 logits ``[num_total, K]`` and labels ``[num_total]`` of every object, by ``idx``."""
+    return per_sample_outputs(model, loader, num_total, lambda logits, b: (logits, b["y"]), device)
 
 
 # -- shared plumbing for the measurements ------------------------------------------------------

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from .distributed import _comm_device, is_distributed
+from .distributed import comm_device, is_distributed
 from .functional import (
     Batch,
     LossFn,
@@ -38,7 +38,7 @@ Matvec = Callable[[Tensor], Tensor]
 
 
 def _all_reduce_sum(t: Tensor) -> Tensor:
-    device = _comm_device(t)
+    device = comm_device()
     buf = t.to(device)
     dist.all_reduce(buf)
     return buf.to(t.device)

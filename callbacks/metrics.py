@@ -18,6 +18,7 @@ from .functional import collect_margins, margin_summary, trainable_parameters
 from .hessian import BACKENDS, TRACE_METHODS, hessian_top_eigenvalues, hessian_trace
 from .width import (
     detect_scale_invariant,
+    example_input,
     gradient_norm_width,
     scale_invariant_structure,
     unit_norm_copy,
@@ -118,10 +119,9 @@ class _ScaleInvariance:
             return {}
         if self.scale_invariant is not None:
             self._check_names(pl_module)
-            try:
-                structure = scale_invariant_structure(pl_module)
-            except ValueError:
-                structure = {}
+            first = next(iter(batches), None)
+            x = first["x"] if first is not None else example_input(pl_module)
+            structure = scale_invariant_structure(pl_module, x)  # the BNs to rescale with them
             return {n: structure.get(n, []) for n in self.scale_invariant}
         key = tuple(trainable_parameters(pl_module))
         if self.detected is None or self._detected_for != key:

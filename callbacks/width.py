@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .distributed import _comm_device, is_distributed
+from .distributed import comm_device, is_distributed
 from .functional import (
     Batch,
     LossFn,
@@ -117,6 +117,15 @@ def _hook_structure(model: nn.Module, x: Tensor) -> dict[str, list[str]]:
     return {f"{m}.weight": sorted(b) for m, b in hits.items() if b and m not in bad}
 
 
+def example_input(model: nn.Module) -> Tensor | None:
+    """Two zero inputs of ``model.hparams.input_shape`` (``MarginClassifier``), else ``None``."""
+    shape = getattr(model, "hparams", {}).get("input_shape") if hasattr(model, "hparams") else None
+    if shape is None:
+        return None
+    param = next(model.parameters(), None)
+    return torch.zeros(2, *shape, device=param.device if param is not None else "cpu")
+
+
 def scale_invariant_structure(model: nn.Module, example_input: Tensor | None = None) -> dict[str, list[str]]:
     """Weights followed by BN with only homogeneous maps in between: ``{param name: [BN names]}``.
 
@@ -164,7 +173,9 @@ def scale_invariant_parameters(model: nn.Module, loss_fn: LossFn | str | None = 
         >>> list(scale_invariant_parameters(net))
         ['0.weight']
     """
-    x = as_batch(batch)["x"] if batch is not None else None
+    # every rank needs an input for the hook fallback, also one without a batch: never let one
+    # rank raise before the collective below
+    x = as_batch(batch)["x"] if batch is not None else example_input(model)
     found = scale_invariant_structure(model, x)
     if batch is None or not found:
         return found
@@ -278,9 +289,9 @@ def gradient_norm_width(model: nn.Module, loss_fn: LossFn | str | None, batches:
     stats = torch.tensor([float(local.sum()), float(local.pow(2).sum()), float(local.numel()), float(size)],
                          dtype=torch.float64)
     if distributed:
-        buf = stats[:3].to(_comm_device(stats))
+        buf = stats[:3].to(comm_device())
         dist.all_reduce(buf)
-        top = stats[3:].to(_comm_device(stats))
+        top = stats[3:].to(comm_device())
         dist.all_reduce(top, op=dist.ReduceOp.MAX)
         stats = torch.cat([buf.cpu(), top.cpu()])
     total, total_sq, count, size = stats.tolist()
@@ -297,7 +308,9 @@ def detect_scale_invariant(model: nn.Module, loss_fn: LossFn | str | None, batch
     """:func:`scale_invariant_parameters` made identical on every rank: each rank checks its own
     first batch (or none) and the largest ``|cos(∇L, w)|`` over ranks decides."""
     distributed = is_distributed() if distributed is None else distributed
-    x = as_batch(batch)["x"] if batch is not None else None
+    # every rank needs an input for the hook fallback, also one without a batch: never let one
+    # rank raise before the collective below
+    x = as_batch(batch)["x"] if batch is not None else example_input(model)
     found = scale_invariant_structure(model, x)
     names = sorted(found)
     if not names:
@@ -305,7 +318,7 @@ def detect_scale_invariant(model: nn.Module, loss_fn: LossFn | str | None, batch
     cos = gradient_cosines(model, loss_fn, batch, names) if batch is not None else dict.fromkeys(names, 0.0)
     worst = torch.tensor([abs(cos[n]) for n in names], dtype=torch.float64)
     if distributed:
-        buf = worst.to(_comm_device(worst))
+        buf = worst.to(comm_device())
         dist.all_reduce(buf, op=dist.ReduceOp.MAX)
         worst = buf.cpu()
     return {n: found[n] for n, c in zip(names, worst.tolist()) if c <= tol}

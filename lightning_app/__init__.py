@@ -2,7 +2,7 @@
 
 from .boosting import BoostingConfig, BoostingOrchestrator, training_set_fingerprint
 from .cli import MarginBoostCLI, build_cli, main, packaged_configs, resolve_config
-from .ensemble import collect_logits, ensemble_metrics
+from .ensemble import ensemble_metrics
 from .gap_rules import (
     ClippedGapRule,
     GapRule,
@@ -23,7 +23,6 @@ __all__ = [
     "NormalizedGapRule",
     "TargetGapRule",
     "build_cli",
-    "collect_logits",
     "ensemble_metrics",
     "main",
     "packaged_configs",

@@ -34,10 +34,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from callbacks.base import SharpnessCallback
-from callbacks.distributed import is_distributed
+from callbacks.distributed import comm_device, is_distributed
+from callbacks.functional import collect_logits, margin_summary
 from models.losses import margins
 
-from .ensemble import collect_logits, ensemble_metrics
+from .ensemble import ensemble_metrics
 from .gap_rules import GapRule, MeanGapRule
 
 STATE_FILE = "state.pt"
@@ -81,16 +82,12 @@ def member_sharpness(trainer: L.Trainer) -> dict[str, float]:
     return out
 
 
-def _comm_tensor(t: Tensor) -> Tensor:
-    return t.cuda() if dist.get_backend() == "nccl" and not t.is_cuda else t
-
-
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Copy every buffer (BN running statistics) from rank ``src``: ranks drift after the last step."""
     if not is_distributed():
         return
     for buf in module.buffers():
-        comm = _comm_tensor(buf.data)
+        comm = buf.data.to(comm_device())
         dist.broadcast(comm, src)
         buf.data.copy_(comm)
 
@@ -99,9 +96,9 @@ def assert_identical_across_ranks(t: Tensor, name: str) -> None:
     """Raise on every rank if ``t`` differs on any rank from rank 0's copy."""
     if not is_distributed():
         return
-    ref = _comm_tensor(t.detach().clone())
+    ref = t.detach().to(comm_device(), copy=True)
     dist.broadcast(ref, 0)
-    diff = (ref - _comm_tensor(t.detach())).abs().max().reshape(1).double()
+    diff = (ref - t.detach().to(comm_device())).abs().max().reshape(1).double()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     if diff.item() != 0:
         raise RuntimeError(f"boosting: {name} differ across ranks (max |Δ| = {diff.item():.3g})")
@@ -122,12 +119,6 @@ def _save_atomic(obj: Any, path: Path) -> None:
     else:
         torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def _margin_summary(m: Tensor) -> dict[str, float]:
-    q = torch.quantile(m.double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    return {"mean": m.mean().item(), "min": m.min().item(), "q1": q[0].item(), "median": q[1].item(),
-            "q3": q[2].item(), "frac_negative": (m < 0).float().mean().item()}
 
 
 class BoostingOrchestrator:
@@ -186,6 +177,9 @@ class BoostingOrchestrator:
                 f"boosting: the run in {str(self.run_dir)!r} was trained on a different training set "
                 f"(saved {state['fingerprint']}, now {fingerprint}); refusing to resume. "
                 "Use another boosting.run_dir for a new data set.")
+        if state["gap_rule"] != repr(self.gap_rule):
+            raise ValueError(f"boosting.gap_rule={self.gap_rule!r} differs from the run being resumed "
+                             f"({state['gap_rule']}); use the same rule or another run_dir")
         if state["seed"] != self.seed:
             raise ValueError(f"boosting.seed={self.seed} differs from the run being resumed "
                              f"(seed={state['seed']}); use the same seed or another run_dir")
@@ -235,9 +229,9 @@ class BoostingOrchestrator:
             metrics = ensemble_metrics(state["val_logits"], val_y.cpu())
             record = {"round": r + 1, "seed": seed, "checkpoint": str(checkpoint), "fit_seconds": fit_seconds,
                       "score_seconds": score_seconds, **metrics,
-                      "member_train_margin": _margin_summary(m),
-                      "ensemble_train_margin": _margin_summary(margins(logit_sum, targets)),
-                      "gap": _margin_summary(gaps), "sharpness": member_sharpness(trainer)}
+                      "member_train_margin": margin_summary(m),
+                      "ensemble_train_margin": margin_summary(margins(logit_sum, targets)),
+                      "gap": margin_summary(gaps), "sharpness": member_sharpness(trainer)}
             state["members"].append({"round": r + 1, "seed": seed, "checkpoint": str(checkpoint)})
             state["history"].append(record)
             state["rounds_done"] = r + 1

@@ -1,41 +1,13 @@
-"""Logits of a model over a data set, and the metrics of boosted and deep ensembles."""
+"""The metrics of boosted and deep ensembles, from member logits (``callbacks.collect_logits``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.functional.classification import multiclass_calibration_error
-
-from callbacks.distributed import gather_by_index
-
-
-@torch.no_grad()
-def collect_logits(model: nn.Module, loader: Iterable[Mapping[str, Tensor]], num_total: int,
-                   device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """fp32 logits ``[num_total, K]`` and labels ``[num_total]`` of every object, placed by ``idx``.
-
-    Eval mode, autocast off; the model's train/eval mode is restored. Under DDP every rank passes
-    its shard and receives the same full tensors (see ``callbacks.gather_by_index``).
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out, ys, idx = [], [], []
-    try:
-        with torch.autocast(device.type, enabled=False):
-            for batch in loader:
-                out.append(model(batch["x"].to(device, non_blocking=True)).float())
-                ys.append(batch["y"].to(device))
-                idx.append(batch["idx"].to(device))
-    finally:
-        model.train(was_training)
-    if not out:
-        raise ValueError("collect_logits: the loader yielded no batches")
-    idx = torch.cat(idx)
-    return gather_by_index(torch.cat(out), idx, num_total), gather_by_index(torch.cat(ys), idx, num_total)
 
 
 def _accuracy(pred: Tensor, y: Tensor) -> float:

@@ -80,6 +80,8 @@ class MarginClassifier(L.LightningModule):
         for name, value in (("channels_last", channels_last), ("compile_backbone", compile_backbone)):
             if not isinstance(value, bool):
                 raise ValueError(f"model.{name} must be true or false, got {value!r}")
+        if channels_last and len(input_shape) != 3:
+            raise ValueError(f"model.channels_last needs image inputs [C, H, W], got input_shape={list(input_shape)}")
         self.channels_last, self.compile_backbone = channels_last, compile_backbone
         if channels_last:
             # Converted here rather than at fit start so the optimizer, checkpoints and copies made
@@ -98,7 +100,7 @@ class MarginClassifier(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.channels_last and x.ndim == 4:
+        if self.channels_last:  # a plain flag, so torch.fx can still trace forward
             x = x.contiguous(memory_format=torch.channels_last)
         return self.head(self._backbone_for_forward()(x))
 

@@ -220,3 +220,11 @@ def test_cli_boosting_run_and_ckpt_path_resume(tmp_path):
     three = json.loads((run_dir / "summary.json").read_text())
     assert three["rounds_done"] == 3 and three["history"][:2] == two["history"]
     assert "boosting round 3/3" in more.stdout and "boosting round 1/3" not in more.stdout
+
+
+def test_resume_refuses_another_gap_rule(tmp_path):
+    dm = Toy2DDataModule(num_train=32, num_val=8)
+    _orchestrate(tmp_path, dm, rounds=1)
+    orch = BoostingOrchestrator(2, MeanGapRule(), tmp_path, seed=3)
+    with pytest.raises(ValueError, match="boosting.gap_rule"):
+        orch.run(None, None, dm)

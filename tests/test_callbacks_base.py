@@ -247,3 +247,20 @@ def test_loader_without_indexable_dataset_gives_same_numbers():
     sub = HessianTrace(probes=4, num_batches=1)
     sub.measure_now(None, model, datamodule=listed)
     assert sub.history[0]["num_samples"] == 400 and "first 1 batches" in sub.history[0]["data"]
+
+
+def test_restore_undoes_dtype_changes_and_rebound_tensors():
+    from callbacks import preserved_state
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    net(torch.randn(5, 3)).sum().backward()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    weight, grad, running_mean = net[0].weight, net[0].weight.grad, net[1].running_mean
+    with preserved_state(net):
+        net.double()
+        net[1].running_mean = torch.full((4,), 7.0)
+        net[0].weight = torch.nn.Parameter(torch.zeros(4, 3))
+    after = net.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    assert net[0].weight is weight and net[1].running_mean is running_mean
+    assert net[0].weight.grad is grad and grad.dtype == torch.float32

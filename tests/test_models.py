@@ -93,3 +93,13 @@ def test_loss_uses_batch_gap():
 
     torch.testing.assert_close(loss, discounted_cross_entropy(logits, y, gap))
     assert loss > model.loss_and_logits({"x": x, "y": y})[0]
+
+
+def test_channels_last_needs_images_and_stays_traceable():
+    from callbacks import scale_invariant_structure
+
+    with pytest.raises(ValueError, match="model.channels_last"):
+        MarginClassifier(num_classes=3, input_shape=(4,), backbone="mlp", channels_last=True)
+    model = MarginClassifier(num_classes=3, input_shape=(1, 8, 8), backbone="small_cnn", channels_last=True)
+    found = scale_invariant_structure(model)  # torch.fx trace, no example input needed
+    assert found["backbone.0.weight"] == ["backbone.1"]
