@@ -71,6 +71,21 @@ def training_set_fingerprint(targets: Tensor) -> dict[str, Any]:
     return {"num_train": int(targets.numel()), "label_sha256": digest}
 
 
+def _wait_for_training_set(datamodule, timeout_s: float = 3600.0, poll_s: float = 5.0) -> Tensor:
+    """The training labels; other processes of a node wait while its local rank 0 downloads.
+
+    There is no process group yet (Lightning makes it in the first ``fit``), hence polling.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return datamodule.train_targets
+        except FileNotFoundError:
+            if os.environ.get("LOCAL_RANK", "0") == "0" or time.monotonic() > deadline:
+                raise
+            time.sleep(poll_s)
+
+
 def member_sharpness(trainer: L.Trainer) -> dict[str, float]:
     """Scalar values the member's ``SharpnessCallback`` s measured at its last step (fit end)."""
     out = {}
@@ -195,9 +210,9 @@ class BoostingOrchestrator:
             trainer_factory: ``(round, round_dir) -> Trainer``; a fresh Trainer per round.
             datamodule: a ``GapDataModule`` (needs ``set_gaps``, ``train_eval_dataloader``).
         """
-        if rank_zero_only.rank == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
-            datamodule.prepare_data()  # download once, before the training set is read
-        targets = datamodule.train_targets
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            datamodule.prepare_data()  # download once per node, before the training set is read
+        targets = _wait_for_training_set(datamodule)
         num_train = datamodule.num_train
         state = self.state = self._load_or_start(training_set_fingerprint(targets), num_train)
         datamodule.set_gaps(state["gaps"])

@@ -228,3 +228,24 @@ def test_resume_refuses_another_gap_rule(tmp_path):
     orch = BoostingOrchestrator(2, MeanGapRule(), tmp_path, seed=3)
     with pytest.raises(ValueError, match="boosting.gap_rule"):
         orch.run(None, None, dm)
+
+
+def test_other_local_ranks_wait_for_the_download(monkeypatch):
+    from lightning_app.boosting import _wait_for_training_set
+
+    class Late:
+        calls = 0
+
+        @property
+        def train_targets(self):
+            Late.calls += 1
+            if Late.calls < 3:
+                raise FileNotFoundError("data.data_dir: not there yet")
+            return torch.arange(4)
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert torch.equal(_wait_for_training_set(Late(), poll_s=0.01), torch.arange(4)) and Late.calls == 3
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the downloading process itself does not wait
+    Late.calls = 0
+    with pytest.raises(FileNotFoundError):
+        _wait_for_training_set(Late(), poll_s=0.01)
