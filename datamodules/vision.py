@@ -33,8 +33,12 @@ class _DownloadableDataModule(GapDataModule):
     def files_present(self) -> bool:
         return all((self.data_dir / f).is_file() for f in self.required_files())
 
+    torchvision_name: str  # the torchvision.datasets class that downloads this data set
+
     def torchvision_download(self) -> None:
-        raise NotImplementedError
+        import torchvision.datasets
+
+        getattr(torchvision.datasets, self.torchvision_name)(str(self.data_dir), train=True, download=True)
 
     def prepare_data(self) -> None:
         # Called on one process per node by Lightning, before setup() on every process.
@@ -89,12 +93,8 @@ class CIFAR10DataModule(_CIFARDataModule):
     train_files = [f"data_batch_{i}" for i in range(1, 6)]
     test_files = ["test_batch"]
     label_key = b"labels"
+    torchvision_name = "CIFAR10"
     mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
-
-    def torchvision_download(self) -> None:
-        from torchvision.datasets import CIFAR10
-
-        CIFAR10(str(self.data_dir), train=True, download=True)
 
 
 class CIFAR100DataModule(_CIFARDataModule):
@@ -105,12 +105,8 @@ class CIFAR100DataModule(_CIFARDataModule):
     train_files = ["train"]
     test_files = ["test"]
     label_key = b"fine_labels"
+    torchvision_name = "CIFAR100"
     mean, std = torch.tensor(CIFAR100_MEAN), torch.tensor(CIFAR100_STD)
-
-    def torchvision_download(self) -> None:
-        from torchvision.datasets import CIFAR100
-
-        CIFAR100(str(self.data_dir), train=True, download=True)
 
 
 class MNISTDataModule(_DownloadableDataModule):
@@ -119,6 +115,7 @@ class MNISTDataModule(_DownloadableDataModule):
     num_classes = 10
     input_shape = (1, 28, 28)
     pad, flip = 2, False
+    torchvision_name = "MNIST"
     mean, std = torch.tensor([0.1307]), torch.tensor([0.3081])
     raw_files = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -132,11 +129,6 @@ class MNISTDataModule(_DownloadableDataModule):
 
     def required_files(self) -> list[str]:
         return [f"MNIST/raw/{f}" for f in self.raw_files]
-
-    def torchvision_download(self) -> None:
-        from torchvision.datasets import MNIST
-
-        MNIST(str(self.data_dir), train=True, download=True)
 
     def load(self) -> tuple[Split, Split, Split]:
         from torchvision.datasets import MNIST
