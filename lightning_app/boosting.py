@@ -227,15 +227,17 @@ class BoostingOrchestrator:
             started = time.perf_counter()
             trainer.fit(model, datamodule=datamodule)
             if trainer.interrupted:
-                raise KeyboardInterrupt(f"boosting round {r} was interrupted; re-run the command to resume")
+                raise KeyboardInterrupt(f"boosting round {r + 1} was interrupted; re-run the command to resume")
             fit_seconds = time.perf_counter() - started
             checkpoint = round_dir / "member.ckpt"
             trainer.save_checkpoint(checkpoint)  # every rank calls it; rank 0 writes
             train_logits, val_logits, val_y, score_seconds = self._score(model, trainer, datamodule, num_train)
-            m = margins(train_logits, targets.to(train_logits.device)).cpu()
+            train_logits = train_logits.cpu()
+            m = margins(train_logits, targets)
             state["M"] = state["M"] + m
-            logit_sum = train_logits.cpu() if state["train_logit_sum"] is None else state["train_logit_sum"] + train_logits.cpu()
+            logit_sum = train_logits if state["train_logit_sum"] is None else state["train_logit_sum"] + train_logits
             state["train_logit_sum"] = logit_sum
+            ensemble_m = margins(logit_sum, targets)
             gaps = self.gap_rule(state["M"], r + 1)
             assert_identical_across_ranks(gaps, "gaps")
             datamodule.set_gaps(gaps)
@@ -245,12 +247,12 @@ class BoostingOrchestrator:
             record = {"round": r + 1, "seed": seed, "checkpoint": str(checkpoint), "fit_seconds": fit_seconds,
                       "score_seconds": score_seconds, **metrics,
                       "member_train_margin": margin_summary(m),
-                      "ensemble_train_margin": margin_summary(margins(logit_sum, targets)),
+                      "ensemble_train_margin": margin_summary(ensemble_m),
                       "gap": margin_summary(gaps), "sharpness": member_sharpness(trainer)}
             state["members"].append({"round": r + 1, "seed": seed, "checkpoint": str(checkpoint)})
             state["history"].append(record)
             state["rounds_done"] = r + 1
-            self._write(state, m, targets)
+            self._write(state, m, ensemble_m)
             display.end(state["history"])
         return self.summary(state)
 
@@ -272,17 +274,17 @@ class BoostingOrchestrator:
                 "run_dir": str(self.run_dir), "history": state["history"]}
 
     @rank_zero_only
-    def _write(self, state: dict[str, Any], member_margins: Tensor, targets: Tensor) -> None:
+    def _write(self, state: dict[str, Any], member_margins: Tensor, ensemble_margins: Tensor) -> None:
         round_dir = self.run_dir / f"round_{state['rounds_done'] - 1}"
         round_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"M": state["M"], "gaps": state["gaps"], "member_margins": member_margins},
                    round_dir / "margins.pt")
         _save_atomic(state, self.state_path)
         _save_atomic(self.summary(state), self.run_dir / SUMMARY_FILE)
-        _log_round(self.run_dir / "ensemble", state, member_margins, targets)
+        _log_round(self.run_dir / "ensemble", state, member_margins, ensemble_margins)
 
 
-def _log_round(log_dir: Path, state: dict[str, Any], member_margins: Tensor, targets: Tensor) -> None:
+def _log_round(log_dir: Path, state: dict[str, Any], member_margins: Tensor, ensemble_margins: Tensor) -> None:
     """Scalars (step = round), margin and gap histograms, and the ensemble-margin figure."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -298,7 +300,6 @@ def _log_round(log_dir: Path, state: dict[str, Any], member_margins: Tensor, tar
         writer.add_scalar("gaps/mean", record["gap"]["mean"], step)
         for key, value in record["sharpness"].items():
             writer.add_scalar(f"member/{key}", value, step)
-        ensemble_margins = margins(state["train_logit_sum"], targets)
         writer.add_histogram("margins/member", member_margins, step)
         writer.add_histogram("margins/ensemble", ensemble_margins, step)
         writer.add_histogram("margins/cumulative", state["M"], step)
