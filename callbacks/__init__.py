@@ -1,26 +1,34 @@
-"""Metric callbacks (margins, width, Hessian) and their plain-function cores."""
+"""Metric callbacks (one metric a module) on one base class, and their plain-function forms.
 
-from .base import Measurement, MeasurementBatches, ModelState, SharpnessCallback, preserved_state
-from .distributed import gather_by_index, is_distributed, weighted_mean
-from .functional import collect_logits, collect_margins, margin_summary, per_sample_outputs
-from .hessian import (
+* ``base``: ``SharpnessCallback`` (schedule, data, mode, seeding, restoring the model,
+  reduction across ranks, logging) and ``Measurement``;
+* ``margins``: ``PerSampleMargins``; ``width``: ``GradientNormWidth``; ``hessian``:
+  ``HessianTrace``, ``HessianEigenvalues``; ``rescaling``: their unit-norm option;
+* ``functional``: the same metrics as plain functions, usable without Lightning.
+"""
+
+from .base import Measurement, MeasurementBatches, SharpnessCallback
+from .functional import (
     HessianOperator,
     TraceEstimate,
+    UnitNormCopy,
+    WidthEstimate,
+    collect_margins,
+    gradient_norm_width,
     hessian_top_eigenvalues,
     hessian_trace,
     hutchinson,
     hutchpp,
-    hvp,
     lanczos_top_eigenvalues,
-)
-from .metrics import GradientNormWidth, HessianEigenvalues, HessianTrace, PerSampleMargins
-from .width import (
-    WidthEstimate,
-    gradient_norm_width,
+    margin_summary,
     scale_invariant_parameters,
     scale_invariant_structure,
     unit_norm_copy,
 )
+from .hessian import HessianEigenvalues, HessianTrace
+from .margins import PerSampleMargins
+from .rescaling import UnitNormRescaling
+from .width import GradientNormWidth
 
 __all__ = [
     "GradientNormWidth",
@@ -29,27 +37,21 @@ __all__ = [
     "HessianTrace",
     "Measurement",
     "MeasurementBatches",
-    "ModelState",
     "PerSampleMargins",
     "SharpnessCallback",
     "TraceEstimate",
+    "UnitNormCopy",
+    "UnitNormRescaling",
     "WidthEstimate",
-    "collect_logits",
     "collect_margins",
-    "gather_by_index",
     "gradient_norm_width",
     "hessian_top_eigenvalues",
     "hessian_trace",
     "hutchinson",
     "hutchpp",
-    "hvp",
-    "is_distributed",
     "lanczos_top_eigenvalues",
     "margin_summary",
-    "per_sample_outputs",
-    "preserved_state",
     "scale_invariant_parameters",
     "scale_invariant_structure",
     "unit_norm_copy",
-    "weighted_mean",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +22,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .distributed import comm_device, is_distributed
-from .functional import BN_MODES, as_batch, batch_len, batch_to, batchnorm_mode, resolve_criterion
+from marginboost.batches import as_batch, batch_len, batch_to
+from marginboost.distributed import comm_device, is_distributed
+from marginboost.errors import ConfigError, check_bool, check_choice, check_int
+from models.losses import resolve_criterion
+from models.state import BN_MODES, batchnorm_mode, preserved_state
 
 
 @dataclass
@@ -42,71 +44,6 @@ class Measurement:
     @property
     def is_scalar(self) -> bool:
         return not torch.is_tensor(self.value) or self.value.numel() == 1
-
-
-# -- leaving the model exactly as it was ------------------------------------------------------
-
-@dataclass
-class ModelState:
-    """A snapshot of everything a measurement could disturb: parameter and buffer values (by
-    reference and by copy, so tensor identity survives), ``.grad`` (tensor and value, or
-    ``None``), ``requires_grad``, every module's train/eval flag, and the RNG states (torch CPU,
-    CUDA when initialised, numpy, python ``random``)."""
-
-    tensors: list[tuple[dict, str, Tensor, Tensor]]
-    grads: list[tuple[nn.Parameter, Tensor | None, Tensor | None, bool]]
-    modes: list[tuple[nn.Module, bool]]
-    rng: dict[str, Any]
-
-    @classmethod
-    def capture(cls, model: nn.Module) -> ModelState:
-        # (owning dict, name, the tensor object, its value): a block may re-bind an attribute or
-        # change a tensor's dtype/device (``model.double()``); both are undone.
-        tensors = [(slots, name, t, t.detach().clone()) for m in model.modules()
-                   for slots in (m._parameters, m._buffers) for name, t in slots.items() if t is not None]
-        grads = [(p, p.grad, None if p.grad is None else p.grad.detach().clone(), p.requires_grad)
-                 for p in model.parameters()]
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return cls(tensors, grads, [(m, m.training) for m in model.modules()], rng)
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for slots, name, t, saved in self.tensors:
-                slots[name] = t
-                _put_back(t, saved)
-        for p, grad, value, requires_grad in self.grads:
-            p.requires_grad_(requires_grad)
-            if grad is not None:
-                with torch.no_grad():
-                    _put_back(grad, value)
-            p.grad = grad
-        for m, flag in self.modes:
-            m.training = flag
-        torch.set_rng_state(self.rng["torch"])
-        np.random.set_state(self.rng["numpy"])
-        random.setstate(self.rng["python"])
-        if "cuda" in self.rng:
-            torch.cuda.set_rng_state_all(self.rng["cuda"])
-
-
-def _put_back(t: Tensor, saved: Tensor) -> None:
-    """Give ``t`` the value of ``saved`` in place (same object), dtype, device and shape included."""
-    if t.dtype != saved.dtype or t.device != saved.device or t.shape != saved.shape:
-        t.data = saved.clone()
-    else:
-        t.copy_(saved)
-
-
-@contextmanager
-def preserved_state(model: nn.Module) -> Iterator[ModelState]:
-    """Run a block and put the model and the RNGs back as they were, whatever the block did."""
-    state = ModelState.capture(model)
-    try:
-        yield state
-    finally:
-        state.restore()
 
 
 # -- the measurement data -----------------------------------------------------------------------
@@ -152,14 +89,6 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
-def _positive_int(owner: str, name: str, value: Any, allow_none: bool = False, low: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        more = " or null" if allow_none else ""
-        raise ValueError(f"{owner}.{name} must be an integer >= {low}{more}, got {value!r}")
-
-
 class SharpnessCallback(Callback):
     """Base class of the metric callbacks: implement :meth:`measure`, get the rest.
 
@@ -176,7 +105,7 @@ class SharpnessCallback(Callback):
       python RNGs seeded with ``seed`` (the same probes every time: epochs compare directly);
       autograd on (``inference_mode(False)``, ``enable_grad``), autocast off;
     * **restoring** parameters, buffers (BN statistics, ``num_batches_tracked``), ``.grad``,
-      train/eval flags and RNG states exactly (:class:`ModelState`);
+      train/eval flags and RNG states exactly (:class:`~models.state.ModelState`);
     * **reduction**: with ``reduce_values = True`` (the default for subclasses) each scalar is a
       mean over this rank's samples and the base makes it the mean over all samples (weights =
       sample counts; standard errors combined as independent). Built-ins that reduce inside their
@@ -194,13 +123,14 @@ class SharpnessCallback(Callback):
         num_batches: ``None``: the whole training set; ``k``: a fixed subset of ``k`` batches
             drawn with ``seed``.
         batch_size: measurement batch size (``None``: the loader's, usually ``eval_batch_size``).
-        drop_last: drop the last incomplete batch.
+        drop_last: drop the last incomplete batch (``None``: the metric's ``default_drop_last``).
         seed: seed of the subset and of the probes.
         criterion: ``"discounted_ce"`` (the training criterion, gaps included), ``"ce"`` or a
             callable ``(logits, batch) -> loss``.
         bn_mode: ``"eval"`` or ``"train"``; ``None`` takes the metric's default.
         prefix: logging prefix (default: the class's ``name``).
-        cache_batches: keep the measurement batches on the device between passes.
+        cache_batches: keep the measurement batches on the device between passes (``None``: the
+            metric's ``default_cache_batches``).
         progress: show a Rich progress task.
 
     Example (a metric in a few lines)::
@@ -215,21 +145,29 @@ class SharpnessCallback(Callback):
 
     name: str = "metric"
     default_bn_mode: str = "eval"
+    default_drop_last: bool = False
+    default_cache_batches: bool = True
     reduce_values: bool = True
     augmentation: str = "none (train_eval_dataloader)"
 
     def __init__(self, every_n_epochs: int | None = 1, at_fit_end: bool = True, num_batches: int | None = None,
-                 batch_size: int | None = None, drop_last: bool = False, seed: int = 0,
+                 batch_size: int | None = None, drop_last: bool | None = None, seed: int = 0,
                  criterion: Any = "discounted_ce", bn_mode: str | None = None, prefix: str | None = None,
-                 cache_batches: bool = True, progress: bool = True) -> None:
+                 cache_batches: bool | None = None, progress: bool = True) -> None:
         owner = type(self).__name__
-        _positive_int(owner, "every_n_epochs", every_n_epochs, allow_none=True, low=0)
-        _positive_int(owner, "num_batches", num_batches, allow_none=True)
-        _positive_int(owner, "batch_size", batch_size, allow_none=True)
-        _positive_int(owner, "seed", seed, low=0)
+        if every_n_epochs is not None:
+            check_int(f"{owner}.every_n_epochs", every_n_epochs, low=0)
+        for name, value in (("num_batches", num_batches), ("batch_size", batch_size)):
+            if value is not None:
+                check_int(f"{owner}.{name}", value, low=1)
+        check_int(f"{owner}.seed", seed, low=0)
+        drop_last = self.default_drop_last if drop_last is None else drop_last
+        cache_batches = self.default_cache_batches if cache_batches is None else cache_batches
+        for name, value in (("at_fit_end", at_fit_end), ("drop_last", drop_last), ("cache_batches", cache_batches),
+                            ("progress", progress)):
+            check_bool(f"{owner}.{name}", value)
         bn_mode = self.default_bn_mode if bn_mode is None else bn_mode
-        if bn_mode not in BN_MODES:
-            raise ValueError(f"{owner}.bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        check_choice(f"{owner}.bn_mode", bn_mode, BN_MODES)
         self.criterion_fn, self.criterion_name = resolve_criterion(criterion, f"{owner}.criterion")
         self.every_n_epochs, self.at_fit_end = every_n_epochs, at_fit_end
         self.num_batches, self.batch_size, self.drop_last = num_batches, batch_size, drop_last
@@ -270,9 +208,9 @@ class SharpnessCallback(Callback):
     def _datamodule(self, trainer: L.Trainer | None, datamodule: Any) -> Any:
         dm = datamodule if datamodule is not None else getattr(trainer, "datamodule", None)
         if dm is None or not callable(getattr(dm, "train_eval_dataloader", None)):
-            raise ValueError(f"{type(self).__name__}: measurements need a DataModule with train_eval_dataloader() "
-                             "(any datamodules.GapDataModule); fit with datamodule=..., or pass datamodule= to "
-                             "measure_now")
+            raise ConfigError(f"{type(self).__name__}.datamodule", type(dm).__name__ if dm is not None else "none",
+                              "a DataModule with train_eval_dataloader() (any datamodules.GapDataModule); fit with "
+                              "datamodule=..., or pass datamodule= to measure_now", describe=True)
         return dm
 
     def default_batch_size(self, datamodule: Any, loader: DataLoader) -> int:
@@ -299,8 +237,8 @@ class SharpnessCallback(Callback):
         if self.drop_last and chunks and len(chunks[-1]) < bs:
             chunks = chunks[:-1]
         if not chunks:
-            raise ValueError(f"{owner}: no full batch of {bs} in a training set of {n}; lower batch_size "
-                             "or set drop_last=false")
+            raise ConfigError(f"{owner}.batch_size", bs, f"at most the training-set size {n} with drop_last=true "
+                              "(or set drop_last=false)")
         rank, world = _rank_world()
         mine = chunks[rank::world]
         loader = DataLoader(dataset, batch_sampler=mine, num_workers=full.num_workers, collate_fn=full.collate_fn,

@@ -1,9 +1,10 @@
 """LightningDataModules whose training samples carry their index and gap."""
 
 from .augment import crop_flip, normalize, sample_crop_flip
-from .base import GapDataModule, IndexedDataset, Split, validate_gaps
+from .base import GapDataModule, IndexedDataset, validate_gaps
 from .device_resident import DeviceResidentLoader, ShardedPermutation
 from .offline import DigitsDataModule, Toy2DDataModule
+from .split import Split
 from .vision import CIFAR10DataModule, CIFAR100DataModule, MNISTDataModule
 
 __all__ = [

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import lightning as L
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from marginboost.errors import ConfigError, check_bool, check_int
+
 from .augment import crop_flip, normalize, sample_crop_flip
 from .device_resident import DeviceResidentLoader
-
-
-@dataclass
-class Split:
-    """Inputs (uint8 images ``[N, C, H, W]`` or float features ``[N, ...]``) and labels ``[N]``."""
-
-    x: Tensor
-    y: Tensor
-
-    def __len__(self) -> int:
-        return self.y.shape[0]
+from .split import Split
 
 
 class IndexedDataset(Dataset):
@@ -101,10 +91,12 @@ class GapDataModule(L.LightningDataModule):
         super().__init__()
         for name, value, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
                                  ("num_workers", num_workers, 0)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"data.{name} must be an integer >= {low}, got {value!r}")
+            check_int(f"data.{name}", value, low=low)
+        for name, value in (("persistent_workers", persistent_workers), ("pin_memory", pin_memory),
+                            ("augment", augment)):
+            check_bool(f"data.{name}", value)
         if persistent_workers and num_workers == 0:
-            raise ValueError("data.persistent_workers=true needs data.num_workers >= 1")
+            raise ConfigError("data.persistent_workers", True, "false when data.num_workers is 0")
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.persistent_workers = num_workers, persistent_workers
         self.pin_memory, self.augment = pin_memory, augment
@@ -121,9 +113,7 @@ class GapDataModule(L.LightningDataModule):
 
     @device_resident.setter
     def device_resident(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise ValueError(f"data.device_resident must be true or false, got {value!r}")
-        self._device_resident = value
+        self._device_resident = check_bool("data.device_resident", value)
 
     # -- data -------------------------------------------------------------------------------
     def load(self) -> tuple[Split, Split, Split]:

@@ -17,15 +17,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from .augment import crop_flip, normalize, sample_crop_flip
+from marginboost.errors import check_int
 
-if TYPE_CHECKING:
-    from .base import Split
+from .augment import crop_flip, normalize, sample_crop_flip
+from .split import Split
 
 
 class ShardedPermutation:
@@ -115,7 +114,7 @@ class DeviceResidentLoader:
     between epochs or fits reach the next batches without any per-batch host-to-device copy.
 
     Args:
-        split: the training :class:`~datamodules.base.Split` (uint8 images or float features).
+        split: the training :class:`~datamodules.split.Split` (uint8 images or float features).
         gaps: the CPU gap vector ``[N]`` (the DataModule's shared tensor).
         batch_size: batch size per process.
         mean / std: per-channel normalisation (``None``: only scale uint8 to [0, 1]).
@@ -133,8 +132,7 @@ class DeviceResidentLoader:
                  shuffle: bool = True, seed: int | None = None, device: torch.device | str | None = None,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False,
                  cache: dict | None = None) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
+        check_int("data.batch_size", batch_size, low=1)
         if gaps.shape != (len(split),):
             raise ValueError(f"DeviceResidentLoader: gaps must have shape [{len(split)}], got {list(gaps.shape)}")
         self.split, self.gaps, self.batch_size = split, gaps, batch_size

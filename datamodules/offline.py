@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import GapDataModule, Split
+from marginboost.errors import ConfigError, check_choice, check_int, check_number
+
+from .base import GapDataModule
+from .split import Split
 
 TOY_KINDS = ("moons", "circles", "spirals")
 
@@ -43,8 +46,9 @@ class DigitsDataModule(GapDataModule):
                  pin_memory: bool = False, augment: bool = True, device_resident: bool = False) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory, augment,
                          device_resident)
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        check_number("data.val_fraction", val_fraction, low=0.0, high=1.0, low_open=True)
+        if val_fraction == 1.0:
+            raise ConfigError("data.val_fraction", val_fraction, "a number in (0, 1)")
         self.val_fraction, self.split_seed = val_fraction, split_seed
 
     def load(self) -> tuple[Split, Split, Split]:
@@ -88,11 +92,10 @@ class Toy2DDataModule(GapDataModule):
                  persistent_workers: bool = False, pin_memory: bool = False, device_resident: bool = False) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, persistent_workers, pin_memory, augment=False,
                          device_resident=device_resident)
-        if kind not in TOY_KINDS:
-            raise ValueError(f"data.kind: unknown {kind!r}; allowed: {list(TOY_KINDS)}")
+        check_choice("data.kind", kind, TOY_KINDS)
         for name, value in (("num_train", num_train), ("num_val", num_val)):
-            if value < 2:
-                raise ValueError(f"data.{name} must be >= 2, got {value}")
+            check_int(f"data.{name}", value, low=2)
+        check_number("data.noise", noise, low=0.0)
         self.kind, self.n_train, self.n_val, self.noise, self.seed = kind, num_train, num_val, noise, seed
 
     def load(self) -> tuple[Split, Split, Split]:

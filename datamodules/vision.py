@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import GapDataModule, Split
+from marginboost.errors import ConfigError, check_bool
+
+from .base import GapDataModule
+from .split import Split
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -20,12 +23,11 @@ class _DownloadableDataModule(GapDataModule):
     def __init__(self, data_dir: str, download: bool, **loader_kwargs) -> None:
         super().__init__(**loader_kwargs)
         self.data_dir, self.download = Path(data_dir).expanduser(), download
+        check_bool("data.download", download)
         if not download and not self.files_present():
-            raise FileNotFoundError(
-                f"data.data_dir: no {type(self).__name__.removesuffix('DataModule')} files under "
-                f"{str(self.data_dir)!r} (looked for {self.required_files()}); set data.download=true "
-                "or point data.data_dir at a folder that holds them"
-            )
+            raise ConfigError("data.data_dir", str(self.data_dir),
+                              f"a folder holding the {type(self).__name__.removesuffix('DataModule')} files "
+                              f"{self.required_files()}, or data.download=true")
 
     def required_files(self) -> list[str]:
         raise NotImplementedError

@@ -33,10 +33,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from callbacks.base import SharpnessCallback
-from callbacks.distributed import comm_device, is_distributed
-from callbacks.functional import collect_logits, margin_summary
-from models.losses import margins
+from callbacks import SharpnessCallback, margin_summary
+from marginboost import collect_logits, comm_device, is_distributed
+from models import margins
 
 from .ensemble import ensemble_metrics
 from .gap_rules import GapRule, MeanGapRule

@@ -2,7 +2,7 @@
 
 The seed algorithm writes ``g_i ← 2·Σ_j m_j − m_i``. Read literally, the sum over all objects makes
 the gap grow with the size of the data set, so the default rule uses the **mean** over objects:
-``g = 2·mean(M) − M`` (DESIGN.md). Every rule may clip its output to ``[g_min, g_max]``: a gap
+``g = 2·mean(M) − M`` (see docs/design.md). Every rule may clip its output to ``[g_min, g_max]``: a gap
 larger than the network can reach leaves 100% training accuracy out of reach.
 """
 

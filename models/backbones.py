@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from marginboost.errors import ConfigError
+
 BackboneBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, BackboneBuilder] = {}
 
@@ -47,16 +49,15 @@ def build_backbone(name: str, input_shape: Sequence[int], **kwargs) -> nn.Module
         try:
             cls = getattr(importlib.import_module(module_name), cls_name)
         except (ImportError, AttributeError) as err:
-            raise ValueError(f"model.backbone: cannot import {name!r} ({err})") from err
+            raise ConfigError("model.backbone", name, f"a registered backbone {available_backbones()} or the "
+                              f"import path of an nn.Module class (import failed: {err})") from err
         try:
             net = cls(input_shape=tuple(input_shape), **kwargs)
         except TypeError:
             net = cls(**kwargs)
     else:
-        raise ValueError(
-            f"model.backbone: unknown backbone {name!r}; registered: {available_backbones()}, "
-            "or give the import path of an nn.Module class"
-        )
+        raise ConfigError("model.backbone", name, f"a registered backbone {available_backbones()} or the "
+                          "import path of an nn.Module class")
     if not hasattr(net, "out_features"):
         was_training = net.training
         net.eval()
@@ -64,7 +65,8 @@ def build_backbone(name: str, input_shape: Sequence[int], **kwargs) -> nn.Module
             out = net(torch.zeros(2, *input_shape))
         net.train(was_training)
         if out.ndim != 2:
-            raise ValueError(f"model.backbone {name!r} must return features [N, D], got {tuple(out.shape)}")
+            raise ConfigError("model.backbone", name, f"a module returning features [N, D] (it returned "
+                              f"{tuple(out.shape)})")
         net.out_features = out.shape[1]
     return net
 
@@ -111,7 +113,8 @@ class CifarResNet(nn.Module):
 
 def _channels(input_shape: Sequence[int], name: str) -> int:
     if len(input_shape) != 3:
-        raise ValueError(f"model.backbone {name!r} needs image inputs [C, H, W], got input_shape={tuple(input_shape)}")
+        raise ConfigError("model.backbone", name, f"a backbone for inputs of shape {tuple(input_shape)} "
+                          "(this one needs images [C, H, W])")
     return input_shape[0]
 
 

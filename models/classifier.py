@@ -12,6 +12,8 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from marginboost.errors import ConfigError, check_bool, check_choice, check_int, check_number
+
 from .backbones import build_backbone
 from .heads import MarginHead
 from .losses import discounted_cross_entropy, margins
@@ -66,10 +68,10 @@ class MarginClassifier(L.LightningModule):
         compile_backbone: bool = False,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"model.num_classes must be >= 2, got {num_classes}")
-        if scheduler_interval not in SCHEDULER_INTERVALS:
-            raise ValueError(f"model.scheduler_interval must be one of {SCHEDULER_INTERVALS}, got {scheduler_interval!r}")
+        check_int("model.num_classes", num_classes, low=2)
+        check_choice("model.scheduler_interval", scheduler_interval, SCHEDULER_INTERVALS)
+        check_bool("model.freeze_head", freeze_head)
+        check_number("model.head_scale", head_scale, low=0.0, low_open=True)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.backbone = build_backbone(backbone, input_shape, **(backbone_kwargs or {}))
         self.head = MarginHead(self.backbone.out_features, num_classes, head_init, head_scale,
@@ -78,10 +80,10 @@ class MarginClassifier(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
         for name, value in (("channels_last", channels_last), ("compile_backbone", compile_backbone)):
-            if not isinstance(value, bool):
-                raise ValueError(f"model.{name} must be true or false, got {value!r}")
+            check_bool(f"model.{name}", value)
         if channels_last and len(input_shape) != 3:
-            raise ValueError(f"model.channels_last needs image inputs [C, H, W], got input_shape={list(input_shape)}")
+            raise ConfigError("model.channels_last", True, f"false for inputs of shape {list(input_shape)} (it needs "
+                              "images [C, H, W])")
         self.channels_last, self.compile_backbone = channels_last, compile_backbone
         if channels_last:
             # Converted here rather than at fit start so the optimizer, checkpoints and copies made

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from marginboost.errors import ConfigError, check_choice
+
 HEAD_INITS = ("orthogonal", "kaiming", "simplex_etf")
 
 
@@ -24,8 +26,7 @@ def head_weight(num_classes: int, in_features: int, init: str = "orthogonal",
       ``sqrt(K/(K-1)) · (I_K - 11ᵀ/K) Uᵀ`` with ``U ∈ R^{D×K}`` orthonormal columns: unit rows,
       pairwise cosine ``-1/(K-1)``; needs ``D >= K``.
     """
-    if init not in HEAD_INITS:
-        raise ValueError(f"model.head_init: unknown {init!r}; allowed: {list(HEAD_INITS)}")
+    check_choice("model.head_init", init, HEAD_INITS)
     K, D = num_classes, in_features
     if init == "orthogonal":
         a = torch.randn(max(K, D), min(K, D), generator=generator, dtype=torch.float64)
@@ -36,7 +37,8 @@ def head_weight(num_classes: int, in_features: int, init: str = "orthogonal",
         w = torch.randn(K, D, generator=generator, dtype=torch.float64) * math.sqrt(2.0 / D)
     else:
         if D < K:
-            raise ValueError(f"model.head_init='simplex_etf' needs feature dim >= num_classes, got D={D} < K={K}")
+            raise ConfigError("model.head_init", init, f"orthogonal or kaiming when the feature dimension D={D} is "
+                              f"below num_classes K={K} (simplex_etf needs D >= K)")
         u, _ = torch.linalg.qr(torch.randn(D, K, generator=generator, dtype=torch.float64))
         centred = torch.eye(K, dtype=torch.float64) - 1.0 / K
         w = math.sqrt(K / (K - 1)) * centred @ u.T

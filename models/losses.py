@@ -1,13 +1,17 @@
-"""The discounted cross-entropy and per-sample margins.
+"""The discounted cross-entropy, per-sample margins, and the named training criteria.
 
-Both work on raw logits of shape ``[N, K]`` and integer targets of shape ``[N]``.
+All work on raw logits of shape ``[N, K]`` and integer targets of shape ``[N]``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from marginboost.errors import ConfigError, check_choice
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -42,8 +46,7 @@ def discounted_cross_entropy(
         >>> float(discounted_cross_entropy(logits, y, gap=2.0))  # the two logits now tie
         0.6931471824645996
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_choice("reduction", reduction, _REDUCTIONS)
     _check_logits_target(logits, target)
     if not torch.is_tensor(gap):
         if gap == 0:
@@ -57,13 +60,17 @@ def discounted_cross_entropy(
 
 
 class DiscountedCrossEntropy(nn.Module):
-    """Module form of :func:`discounted_cross_entropy`; ``forward(logits, target, gap=0.0)``."""
+    """Module form of :func:`discounted_cross_entropy` for scripts that use loss modules.
+
+    Example:
+        >>> loss = DiscountedCrossEntropy()
+        >>> float(loss(torch.tensor([[2.0, 0.0]]), torch.tensor([0]), gap=2.0))
+        0.6931471824645996
+    """
 
     def __init__(self, reduction: str = "mean") -> None:
         super().__init__()
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        self.reduction = reduction
+        self.reduction = check_choice("reduction", reduction, _REDUCTIONS)
 
     def forward(self, logits: Tensor, target: Tensor, gap: float | Tensor = 0.0) -> Tensor:
         return discounted_cross_entropy(logits, target, gap, self.reduction)
@@ -91,3 +98,41 @@ def margins(logits: Tensor, target: Tensor) -> Tensor:
     true = logits.gather(1, target[:, None]).squeeze(1)
     others = logits.scatter(1, target[:, None], float("-inf")).amax(dim=1)
     return true - others
+
+
+# -- criteria by name: what the measurements differentiate ----------------------------------
+
+Criterion = Callable[[Tensor, Mapping[str, Tensor]], Tensor]
+
+
+def discounted_ce_criterion(logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    """The training criterion of ``MarginClassifier``: discounted CE with the batch's gaps."""
+    return discounted_cross_entropy(logits, batch["y"], batch.get("gap", 0.0))
+
+
+def ce_criterion(logits: Tensor, batch: Mapping[str, Tensor]) -> Tensor:
+    """Plain cross-entropy (gaps ignored)."""
+    return F.cross_entropy(logits, batch["y"])
+
+
+CRITERIA: dict[str, Criterion] = {"discounted_ce": discounted_ce_criterion, "ce": ce_criterion}
+
+
+def resolve_criterion(criterion: str | Criterion | None, field: str = "criterion") -> tuple[Criterion, str]:
+    """``(loss_fn, name)`` from a name in :data:`CRITERIA`, a callable ``(logits, batch) -> loss``
+    or ``None`` (the discounted CE).
+
+    >>> resolve_criterion("ce")[1]
+    'ce'
+    """
+    if criterion is None:
+        return discounted_ce_criterion, "discounted_ce"
+    if isinstance(criterion, str):
+        if criterion not in CRITERIA:
+            raise ConfigError(field, criterion, f"{', '.join(map(repr, sorted(CRITERIA)))} or a callable "
+                              "(logits, batch) -> scalar loss")
+        return CRITERIA[criterion], criterion
+    if not callable(criterion):
+        raise ConfigError(field, type(criterion).__name__, f"a name in {sorted(CRITERIA)} or a callable",
+                          describe=True)
+    return criterion, getattr(criterion, "__qualname__", type(criterion).__name__)

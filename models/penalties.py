@@ -38,8 +38,12 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from .sam import get_rng_state, preserved_batchnorm_stats, set_rng_state
-from .sharpness_aware import ManualStepClassifier, _check_int, _check_nonneg, match_parameters
+from marginboost.errors import ConfigError, check_bool, check_choice, check_int, check_number
+
+from .curvature import hutchinson_forms, rademacher_like
+from .manual_step import ManualStepClassifier
+from .parameters import global_norm, match_parameters
+from .state import get_rng_state, preserved_batchnorm_stats, set_rng_state
 
 GRAD_NORM_FORMS = ("finite_difference", "exact")
 
@@ -89,55 +93,6 @@ def composite_batchnorm(model: nn.Module) -> Iterator[None]:
             del m.forward
 
 
-def gradient_norm(grads: Sequence[Tensor], squared: bool = False) -> Tensor:
-    r""":math:`\lVert g \rVert_2` over all tensors (or its square); differentiable if ``grads`` are.
-
-    Example:
-        >>> gradient_norm([torch.tensor([3.0]), torch.tensor([4.0])])
-        tensor(5.)
-    """
-    sq = sum((g.float() * g.float()).sum() if g.dtype in (torch.float16, torch.bfloat16) else (g * g).sum()
-             for g in grads)
-    return sq if squared else sq.sqrt()
-
-
-def rademacher_like(params: Sequence[Tensor], generator: torch.Generator | None = None) -> list[Tensor]:
-    """Independent ±1 entries shaped like each tensor (drawn from ``generator`` or the global RNG)."""
-    return [torch.randint(0, 2, p.shape, generator=generator, device=p.device).to(p.dtype).mul_(2).sub_(1)
-            for p in params]
-
-
-def hutchinson_trace(grads: Sequence[Tensor], params: Sequence[Tensor], probes: int | Sequence[Sequence[Tensor]] = 1,
-                     create_graph: bool = True, generator: torch.Generator | None = None) -> Tensor:
-    r"""Per-probe Hutchinson values :math:`v_j^\top H v_j` (``[k]``); their mean estimates ``tr H``.
-
-    ``H v`` is the gradient of :math:`\langle g, v\rangle`, so ``grads`` must come from
-    ``torch.autograd.grad(loss, params, create_graph=True)``. With ``create_graph=True`` the result
-    is differentiable in ``params`` (for a penalty). ``probes`` is a count (Rademacher probes) or the
-    probes themselves, one list of tensors per probe.
-
-    Example:
-        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
-        >>> (g,) = torch.autograd.grad((w ** 2).sum() * 1.5, [w], create_graph=True)  # H = 3 I
-        >>> hutchinson_trace([g], [w], probes=4).tolist()  # exact for a diagonal H
-        [6.0, 6.0, 6.0, 6.0]
-    """
-    if isinstance(probes, int):
-        if probes < 1:
-            raise ValueError(f"probes must be >= 1, got {probes}")
-        probes = [rademacher_like(params, generator) for _ in range(probes)]
-    live = [i for i, g in enumerate(grads) if g.requires_grad]
-    if not live:  # the loss is at most linear in params: zero curvature
-        return torch.zeros(len(probes), device=params[0].device, dtype=params[0].dtype)
-    values = []
-    for v in probes:
-        hv = torch.autograd.grad([grads[i] for i in live], list(params),
-                                 grad_outputs=[v[i] for i in live], create_graph=create_graph,
-                                 retain_graph=True, allow_unused=True)
-        values.append(sum((vi * hvi).sum() for vi, hvi in zip(v, hv) if hvi is not None))
-    return torch.stack(values)
-
-
 class CurvaturePenaltyClassifier(ManualStepClassifier):
     r"""``MarginClassifier`` trained on ``L + λ_g ‖∇L‖^p + λ_t tr(∇²L)`` (see the module docstring).
 
@@ -161,7 +116,7 @@ class CurvaturePenaltyClassifier(ManualStepClassifier):
         penalty_every: add the penalties every ``k`` optimizer steps, plain steps otherwise.
         penalty_params: regexes of the parameters ``S`` whose gradient/Hessian is penalised
             (``null``: all trainable); the penalty's gradient reaches every trainable parameter.
-        **kwargs: :class:`~models.sharpness_aware.ManualStepClassifier` and
+        **kwargs: :class:`~models.manual_step.ManualStepClassifier` and
             :class:`~models.MarginClassifier` arguments.
 
     Example (YAML)::
@@ -176,21 +131,18 @@ class CurvaturePenaltyClassifier(ManualStepClassifier):
                  trace_probes: int = 1, penalty_every: int = 1, penalty_params: str | list[str] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        _check_nonneg("model.grad_norm_weight", grad_norm_weight)
-        _check_nonneg("model.trace_weight", trace_weight)
-        if grad_norm_form not in GRAD_NORM_FORMS:
-            raise ValueError(f"model.grad_norm_form must be one of {list(GRAD_NORM_FORMS)}, got {grad_norm_form!r}")
-        _check_nonneg("model.grad_norm_radius", grad_norm_radius)
-        if grad_norm_radius == 0:
-            raise ValueError("model.grad_norm_radius must be > 0 (the finite-difference step)")
-        _check_int("model.trace_probes", trace_probes, 1)
-        _check_int("model.penalty_every", penalty_every, 1)
+        check_number("model.grad_norm_weight", grad_norm_weight, low=0.0)
+        check_number("model.trace_weight", trace_weight, low=0.0)
+        check_choice("model.grad_norm_form", grad_norm_form, GRAD_NORM_FORMS)
+        check_number("model.grad_norm_radius", grad_norm_radius, low=0.0, low_open=True)
+        check_bool("model.grad_norm_squared", grad_norm_squared)
+        check_int("model.trace_probes", trace_probes, low=1)
+        check_int("model.penalty_every", penalty_every, low=1)
         match_parameters(self, penalty_params, "model.penalty_params")  # fail now, not at fit time
         if getattr(self, "compile_backbone", False) and (trace_weight > 0 or (
                 grad_norm_weight > 0 and grad_norm_form == "exact")):
-            raise ValueError("model.compile_backbone=true cannot be combined with model.trace_weight > 0 or "
-                             "model.grad_norm_form='exact': torch.compile does not support double backward; "
-                             "use compile_backbone=false or grad_norm_form='finite_difference'")
+            raise ConfigError("model.compile_backbone", True, "false with model.trace_weight > 0 or "
+                              "model.grad_norm_form='exact' (torch.compile does not support double backward)")
         self.grad_norm_weight, self.grad_norm_form = float(grad_norm_weight), grad_norm_form
         self.grad_norm_radius, self.grad_norm_squared = float(grad_norm_radius), grad_norm_squared
         self.trace_weight, self.trace_probes = float(trace_weight), trace_probes
@@ -233,11 +185,11 @@ class CurvaturePenaltyClassifier(ManualStepClassifier):
             grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
             sub_g, sub_p = [grads[i] for i in sel], [params[i] for i in sel]
             if exact_gn:
-                norm = gradient_norm(sub_g, self.grad_norm_squared)
+                norm = global_norm(sub_g, self.grad_norm_squared)
                 terms.append(self.grad_norm_weight * norm)
                 self.grad_norm_metric.update((norm.sqrt() if self.grad_norm_squared else norm).detach().float())
             if self.trace_weight > 0:
-                trace = hutchinson_trace(sub_g, sub_p, self.draw_probes(sub_p)).mean()
+                trace = hutchinson_forms(sub_g, sub_p, self.draw_probes(sub_p)).mean()
                 terms.append(self.trace_weight * trace)
                 self.trace_metric.update(trace.detach().float())
             g0 = [g.detach() for g in grads]
@@ -254,7 +206,7 @@ class CurvaturePenaltyClassifier(ManualStepClassifier):
     def _finite_difference_pass(self, batch, loss, terms, params, sel, g0, rng, sync) -> None:
         """Add ``(1-α) ∇L(θ)`` and ``α ∇L(θ + r ĝ)`` (plus any exact terms) to ``.grad``."""
         sub_g0 = [g0[i] for i in sel]
-        norm = gradient_norm(sub_g0).detach()
+        norm = global_norm(sub_g0).detach()
         self.grad_norm_metric.update(norm.float())
         r = self.grad_norm_radius
         alpha = self.grad_norm_weight / r * (2.0 * float(norm) if self.grad_norm_squared else 1.0)

@@ -1,0 +1,56 @@
+import lightning as L
+import pytest
+import torch
+
+from datamodules import DigitsDataModule
+from models import MarginClassifier
+
+
+def test_head_frozen_without_bn_affine_and_unchanged_by_training():
+    model = MarginClassifier(num_classes=10, input_shape=(1, 8, 8), backbone="mlp", backbone_kwargs={"width": 16},
+                             head_seed=0)
+    assert model.head.bn.weight is None and model.head.bn.bias is None and not model.head.bn.affine
+    assert not model.head.weight.requires_grad
+    assert [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("head")] == []
+    w0 = model.head.weight.detach().clone()
+    b0 = [p.detach().clone() for p in model.backbone.parameters()]
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert torch.equal(model.head.weight, w0)
+    assert model.head.weight.grad is None
+    assert any(not torch.equal(a, b) for a, b in zip(b0, model.backbone.parameters()))
+
+
+def test_unfrozen_head_trains_and_bound():
+    model = MarginClassifier(num_classes=3, input_shape=(4,), backbone="mlp", freeze_head=False, head_init="kaiming")
+    assert model.head.weight.requires_grad
+    torch.testing.assert_close(model.theorem1_bound(), 2 / 3 * model.head.weight.detach().abs().sum())
+
+
+def test_bad_model_arguments():
+    with pytest.raises(ValueError, match="num_classes"):
+        MarginClassifier(num_classes=1)
+    with pytest.raises(ValueError, match="scheduler_interval"):
+        MarginClassifier(num_classes=3, input_shape=(2,), backbone="mlp", scheduler_interval="batch")
+
+
+def test_loss_uses_batch_gap():
+    model = MarginClassifier(num_classes=3, input_shape=(4,), backbone="mlp").eval()
+    x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+    gap = torch.linspace(0, 2, 5)
+    loss, logits = model.loss_and_logits({"x": x, "y": y, "gap": gap})
+    from models import discounted_cross_entropy
+
+    torch.testing.assert_close(loss, discounted_cross_entropy(logits, y, gap))
+    assert loss > model.loss_and_logits({"x": x, "y": y})[0]
+
+
+def test_channels_last_needs_images_and_stays_traceable():
+    from callbacks import scale_invariant_structure
+
+    with pytest.raises(ValueError, match="model.channels_last"):
+        MarginClassifier(num_classes=3, input_shape=(4,), backbone="mlp", channels_last=True)
+    model = MarginClassifier(num_classes=3, input_shape=(1, 8, 8), backbone="small_cnn", channels_last=True)
+    found = scale_invariant_structure(model)  # torch.fx trace, no example input needed
+    assert found["backbone.0.weight"] == ["backbone.1"]
