@@ -1,4 +1,4 @@
-"""Scale-invariance detection and the gradient-norm width against hand computations."""
+"""GradientNormWidth: restored running statistics, the recorded batch size, override errors."""
 import copy
 
 import lightning as L

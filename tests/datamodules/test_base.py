@@ -1,3 +1,4 @@
+"""GapDataModule: index and gap in every batch, the ordered measurement loader, set_gaps."""
 import lightning as L
 import pytest
 import torch

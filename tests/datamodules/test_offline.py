@@ -1,3 +1,4 @@
+"""Toy2D: the kinds and the argument errors."""
 import pytest
 
 from datamodules import (

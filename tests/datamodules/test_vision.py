@@ -1,3 +1,4 @@
+"""CIFAR-10/100 and MNIST read from files written in the real on-disk formats."""
 import pickle
 
 import numpy as np

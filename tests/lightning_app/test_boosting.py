@@ -1,3 +1,4 @@
+"""BoostingOrchestrator: gaps fed back by index, resume, kill-and-resume, DDP, the CLI path."""
 import json
 import os
 import subprocess

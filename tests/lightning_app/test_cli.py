@@ -1,3 +1,4 @@
+"""The lightning command: packaged configs, links, field errors, TensorBoard events."""
 import os
 import subprocess
 import sys

@@ -1,3 +1,4 @@
+"""Ensemble metrics by hand."""
 import pytest
 import torch
 import torch.nn.functional as F

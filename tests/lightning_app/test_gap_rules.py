@@ -1,3 +1,4 @@
+"""Gap rules by hand."""
 import pytest
 import torch
 

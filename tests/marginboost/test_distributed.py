@@ -1,3 +1,4 @@
+"""gather_by_index and the device of collectives."""
 import torch
 import torch.distributed as dist
 

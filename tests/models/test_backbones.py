@@ -1,3 +1,4 @@
+"""Backbones: feature shapes, import paths, unknown names."""
 import math
 
 import pytest

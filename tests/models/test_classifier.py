@@ -1,3 +1,4 @@
+"""MarginClassifier: the frozen head, gaps in the loss, arguments, channels_last."""
 import lightning as L
 import pytest
 import torch

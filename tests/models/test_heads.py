@@ -1,3 +1,4 @@
+"""Head initialisations by their defining properties."""
 import pytest
 import torch
 

@@ -1,3 +1,4 @@
+"""The discounted cross-entropy and margins against the formulas by hand."""
 import math
 
 import pytest

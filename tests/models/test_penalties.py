@@ -1,4 +1,4 @@
-"""Curvature penalties: the pure functions and CurvaturePenaltyClassifier, against finite differences."""
+"""CurvaturePenaltyClassifier and composite BatchNorm, against finite differences."""
 import copy
 
 import lightning as L

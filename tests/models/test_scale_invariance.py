@@ -16,6 +16,7 @@ from models import (
     select_scale_invariant,
 )
 from models.scale_invariance import _hook_structure
+from tests.helpers import image_batches
 
 
 class _Residual(nn.Module):
@@ -58,12 +59,6 @@ class _LeakyDynamic(_Dynamic):
         return self.fc(h.flatten(1))
 
 
-def _batches(n_batches=3, size=16, shape=(2, 4, 4), classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(size, *shape, generator=g), "y": torch.randint(0, classes, (size,), generator=g)}
-            for _ in range(n_batches)]
-
-
 def _conv_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(2, 3, 3, bias=True), nn.BatchNorm2d(3), nn.ReLU(),
@@ -75,7 +70,7 @@ def test_detection_on_small_nets():
     net = _conv_net()
     # conv->BN yes; conv->ReLU->BN yes (ReLU is positively homogeneous); the last linear has no BN
     assert scale_invariant_structure(net) == {"0.weight": ["1"], "3.weight": ["5"]}
-    batch = _batches(1)[0]
+    batch = image_batches(1)[0]
     assert scale_invariant_parameters(net, "ce", batch) == {"0.weight": ["1"], "3.weight": ["5"]}
     assert scale_invariant_structure(_Residual()) == {}
     # MarginClassifier: every backbone conv; the frozen head W is not a trainable parameter
@@ -162,7 +157,7 @@ def _invariant_by_definition(net, batch, c=3.7):
 @pytest.mark.parametrize("name", list(_nets()))
 def test_detection_equals_the_defining_property(name):
     net = _nets()[name]
-    batch = _batches(1, size=32)[0]
+    batch = image_batches(1, size=32)[0]
     truth = _invariant_by_definition(net, batch)
     assert truth or name in ("residual", "conv_relu_bn_with_bias")  # the property can hold
     assert sorted(scale_invariant_structure(net)) == truth

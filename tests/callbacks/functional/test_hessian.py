@@ -1,11 +1,9 @@
-"""Hessian-vector products, trace estimators and Lanczos against the exact float64 Hessian."""
+"""hessian_trace and hessian_top_eigenvalues (plain functions) against the exact float64 Hessian."""
 import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from callbacks import (
     HessianOperator,
@@ -13,51 +11,6 @@ from callbacks import (
     hessian_trace,
     hutchpp,
 )
-
-
-def _tiny_bn_net() -> nn.Module:
-    # conv -> BN -> tanh -> linear: smooth, BN used with running statistics (eval mode)
-    torch.manual_seed(1)
-    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)).double()
-    with torch.no_grad():  # non-trivial running statistics
-        net[1].running_mean.uniform_(-0.2, 0.2)
-        net[1].running_var.uniform_(0.5, 2.0)
-    return net
-
-
-def _batches(n_sizes=(7, 5)):
-    g = torch.Generator().manual_seed(2)
-    return [{"x": torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64),
-             "y": torch.randint(0, 3, (n,), generator=g), "gap": torch.rand(n, generator=g, dtype=torch.float64)}
-            for n in n_sizes]
-
-
-def _exact_hessian(net, batches):
-    """The Hessian of the per-sample mean discounted CE, by torch.func.hessian on flat params."""
-    names = [n for n, p in net.named_parameters() if p.requires_grad]
-    params = [net.get_parameter(n).detach() for n in names]
-    shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
-    flat = torch.cat([p.reshape(-1) for p in params])
-    total = sum(b["y"].shape[0] for b in batches)
-    net.eval()
-
-    def loss(f):
-        d = {n: t.reshape(s) for n, t, s in zip(names, f.split(sizes), shapes)}
-        out = 0.0
-        for b in batches:
-            logits = functional_call(net, d, (b["x"],))
-            shifted = logits - F.one_hot(b["y"], 3) * b["gap"][:, None]
-            out = out + F.cross_entropy(shifted, b["y"], reduction="sum")
-        return out / total
-
-    return torch.func.hessian(loss)(flat), names, sizes
-
-
-@pytest.fixture(scope="module")
-def setup():
-    net, batches = _tiny_bn_net(), _batches()
-    H, names, sizes = _exact_hessian(net, batches)
-    return net, batches, H, names, sizes
 
 
 def test_hutchinson_trace_within_three_stderr_and_per_layer_sums(setup):

@@ -1,4 +1,4 @@
-"""PerSampleMargins against margins computed by hand; quantiles, files, TensorBoard histogram."""
+"""margin_summary: quartiles and Tukey fences by hand."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Scale-invariance detection and the gradient-norm width against hand computations."""
+"""gradient_norm_width against a hand computation, and its invariance to rescaled weights."""
 import copy
 
 import pytest
@@ -8,12 +8,7 @@ from torch import nn
 from callbacks import (
     gradient_norm_width,
 )
-
-
-def _batches(n_batches=3, size=16, shape=(2, 4, 4), classes=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [{"x": torch.randn(size, *shape, generator=g), "y": torch.randint(0, classes, (size,), generator=g)}
-            for _ in range(n_batches)]
+from tests.helpers import image_batches
 
 
 def _conv_net():
@@ -43,7 +38,7 @@ def _width_by_hand(net, batches, invariant, per_channel=False):
 
 
 def test_width_matches_hand_computation_and_is_scale_invariant():
-    net, batches = _conv_net(), _batches()
+    net, batches = _conv_net(), image_batches()
     est = gradient_norm_width(net, "ce", batches)
     assert est.scale_invariant == ["0.weight", "3.weight"] and est.num_batches == 3 and est.batch_size == 16
     assert est.value == pytest.approx(_width_by_hand(net, batches, est.scale_invariant), rel=1e-5)

@@ -1,0 +1,56 @@
+"""Small problems with known answers, shared by the tests of several modules."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+
+def tiny_bn_net() -> nn.Module:
+    # conv -> BN -> tanh -> linear: smooth, BN used with running statistics (eval mode)
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3)).double()
+    with torch.no_grad():  # non-trivial running statistics
+        net[1].running_mean.uniform_(-0.2, 0.2)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def float64_batches(n_sizes=(7, 5)):
+    g = torch.Generator().manual_seed(2)
+    return [{"x": torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64),
+             "y": torch.randint(0, 3, (n,), generator=g), "gap": torch.rand(n, generator=g, dtype=torch.float64)}
+            for n in n_sizes]
+
+
+def exact_hessian(net, batches):
+    """The Hessian of the per-sample mean discounted CE, by torch.func.hessian on flat params."""
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    params = [net.get_parameter(n).detach() for n in names]
+    shapes, sizes = [p.shape for p in params], [p.numel() for p in params]
+    flat = torch.cat([p.reshape(-1) for p in params])
+    total = sum(b["y"].shape[0] for b in batches)
+    net.eval()
+
+    def loss(f):
+        d = {n: t.reshape(s) for n, t, s in zip(names, f.split(sizes), shapes)}
+        out = 0.0
+        for b in batches:
+            logits = functional_call(net, d, (b["x"],))
+            shifted = logits - F.one_hot(b["y"], 3) * b["gap"][:, None]
+            out = out + F.cross_entropy(shifted, b["y"], reduction="sum")
+        return out / total
+
+    return torch.func.hessian(loss)(flat), names, sizes
+
+
+def hessian_problem():
+    """``(net, batches, H, names, sizes)``: a float64 conv-BN net, two batches, the exact Hessian."""
+    net, batches = tiny_bn_net(), float64_batches()
+    H, names, sizes = exact_hessian(net, batches)
+    return net, batches, H, names, sizes
+
+
+def image_batches(n_batches=3, size=16, shape=(2, 4, 4), classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(size, *shape, generator=g), "y": torch.randint(0, classes, (size,), generator=g)}
+            for _ in range(n_batches)]
