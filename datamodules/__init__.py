@@ -3,6 +3,7 @@
 from .augment import crop_flip, normalize, sample_crop_flip
 from .base import GapDataModule, IndexedDataset, validate_gaps
 from .device_resident import DeviceResidentLoader, ShardedPermutation
+from .fashion import FashionMNISTDataModule, read_idx
 from .offline import DigitsDataModule, Toy2DDataModule
 from .split import Split
 from .vision import CIFAR10DataModule, CIFAR100DataModule, MNISTDataModule
@@ -12,6 +13,7 @@ __all__ = [
     "CIFAR100DataModule",
     "DeviceResidentLoader",
     "DigitsDataModule",
+    "FashionMNISTDataModule",
     "GapDataModule",
     "IndexedDataset",
     "MNISTDataModule",
@@ -20,6 +22,7 @@ __all__ = [
     "Toy2DDataModule",
     "crop_flip",
     "normalize",
+    "read_idx",
     "sample_crop_flip",
     "validate_gaps",
 ]
