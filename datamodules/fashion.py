@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from marginboost.errors import ConfigError
+from marginboost.errors import ConfigError, check_bool
 
-from .base import GapDataModule, Split
+from .base import GapDataModule
+from .split import Split
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -102,9 +103,7 @@ class FashionMNISTDataModule(GapDataModule):
                          device_resident)
         if data_dir is not None and not isinstance(data_dir, str | Path):
             raise ConfigError("data.data_dir", data_dir, "a folder path, or null for the Debian package")
-        if not isinstance(download, bool):
-            raise ConfigError("data.download", download, "true or false")
-        self.download = download
+        self.download = check_bool("data.download", download)
         if data_dir is None and find_idx_files(self.debian_dir) is not None:
             self.data_dir = Path(self.debian_dir)
         else:
