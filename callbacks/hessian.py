@@ -22,9 +22,12 @@ class _HessianCallback(UnitNormRescaling, SharpnessCallback):
     default_bn_mode = "eval"
     reduce_values = False
 
-    def _init_hessian(self, backend: str, normalize: bool, per_channel: bool,
+    def _init_hessian(self, backend: str, reuse_graph: bool | None, normalize: bool, per_channel: bool,
                       scale_invariant: Sequence[str] | None, tol: float) -> None:
         self.backend = check_choice(f"{type(self).__name__}.backend", backend, BACKENDS)
+        if reuse_graph is not None:
+            check_bool(f"{type(self).__name__}.reuse_graph", reuse_graph)
+        self.reuse_graph = reuse_graph
         self._init_scale(normalize, per_channel, scale_invariant, tol)
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -43,22 +46,25 @@ class HessianTrace(_HessianCallback):
 
     Over the measurement set (the training set, or ``num_batches`` seeded batches), BN in eval
     mode, trainable parameters. Logs ``hessian/trace`` ± stderr and, with ``per_layer``,
-    ``hessian/trace_layer/<module>`` from the same products (they sum to the total). Products:
-    ``torch.func`` forward-over-reverse, ``chunk_size`` probes per ``vmap`` (double backward as
-    fallback). ``normalize`` evaluates at the unit-norm copy of the scale-invariant weights
-    (``H`` scales by ``1/c²``).
+    ``hessian/trace_layer/<module>`` from the same products (they sum to the total). Products
+    (:class:`~models.curvature.HessianOperator`): ``chunk_size`` probes per call; with
+    ``reuse_graph`` (default: when the measurement set is one batch) each batch's gradient graph
+    is built once and differentiated again for every probe, otherwise ``torch.func``
+    forward-over-reverse per chunk. ``normalize`` evaluates at the unit-norm copy of the
+    scale-invariant weights (``H`` scales by ``1/c²``).
     """
 
     def __init__(self, probes: int = 32, method: str = "hutchinson", per_layer: bool = True, chunk_size: int = 8,
-                 backend: str = "auto", normalize: bool = False, per_channel: bool = False,
-                 scale_invariant: list[str] | None = None, tol: float = 1e-3, **kwargs: Any) -> None:
+                 backend: str = "auto", reuse_graph: bool | None = None, normalize: bool = False,
+                 per_channel: bool = False, scale_invariant: list[str] | None = None, tol: float = 1e-3,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.method = check_choice("HessianTrace.method", method, TRACE_METHODS)
         # two probes at least for a standard error; hutch++ spends a third on each of its parts
         self.probes = check_int("HessianTrace.probes", probes, low=3 if method == "hutch++" else 2)
         self.chunk_size = check_int("HessianTrace.chunk_size", chunk_size, low=1)
         self.per_layer = check_bool("HessianTrace.per_layer", per_layer)
-        self._init_hessian(backend, normalize, per_channel, scale_invariant, tol)
+        self._init_hessian(backend, reuse_graph, normalize, per_channel, scale_invariant, tol)
 
     def expected_passes(self) -> int:
         return 3 if self.method == "hutch++" else math.ceil(self.probes / self.chunk_size)
@@ -69,7 +75,8 @@ class HessianTrace(_HessianCallback):
     def measure(self, pl_module: L.LightningModule, batches: MeasurementBatches) -> dict[str, Any]:
         params, buffers = self._point(pl_module, batches)
         est = hessian_trace(pl_module, self.criterion_fn, batches, self.probes, self.method, self.seed,
-                            self.per_layer, params, buffers, self.bn_mode, self.backend, self.chunk_size)
+                            self.per_layer, params, buffers, self.bn_mode, self.backend, self.chunk_size,
+                            reuse_graph=self.reuse_graph)
         out: dict[str, Any] = {"trace": Measurement(est.value, est.stderr)}
         for layer, (value, se) in est.per_layer.items():
             out[f"trace_layer/{layer}"] = Measurement(value, se)
@@ -83,14 +90,15 @@ class HessianEigenvalues(_HessianCallback):
     products."""
 
     def __init__(self, k: int = 1, max_iter: int = 100, lanczos_tol: float = 1e-5, basis_size: int = 20,
-                 backend: str = "auto", normalize: bool = False, per_channel: bool = False,
-                 scale_invariant: list[str] | None = None, tol: float = 1e-3, **kwargs: Any) -> None:
+                 backend: str = "auto", reuse_graph: bool | None = None, normalize: bool = False,
+                 per_channel: bool = False, scale_invariant: list[str] | None = None, tol: float = 1e-3,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.k = check_int("HessianEigenvalues.k", k, low=1)
         self.max_iter = check_int("HessianEigenvalues.max_iter", max_iter, low=k)
         self.lanczos_tol = check_number("HessianEigenvalues.lanczos_tol", lanczos_tol, low=0.0, low_open=True)
         self.basis_size = check_int("HessianEigenvalues.basis_size", basis_size, low=2)
-        self._init_hessian(backend, normalize, per_channel, scale_invariant, tol)
+        self._init_hessian(backend, reuse_graph, normalize, per_channel, scale_invariant, tol)
 
     def expected_passes(self) -> int:
         return self.max_iter
@@ -103,5 +111,6 @@ class HessianEigenvalues(_HessianCallback):
         params, buffers = self._point(pl_module, batches)
         values, info = hessian_top_eigenvalues(pl_module, self.criterion_fn, batches, self.k, self.max_iter,
                                                self.lanczos_tol, self.seed, params, buffers, self.bn_mode,
-                                               self.backend, basis_size=self.basis_size)
+                                               self.backend, basis_size=self.basis_size,
+                                               reuse_graph=self.reuse_graph)
         return {f"eig{i + 1}": Measurement(float(v), None, dict(info)) for i, v in enumerate(values)}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,10 +41,18 @@ class HessianOperator:
     r"""Hessian-vector products :math:`H v` of :math:`L(\theta)=\frac1N\sum_i \ell_i` over ``batches``.
 
     ``backend="func"``: forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``),
-    ``vmap``-ed over a block of vectors in chunks of ``chunk_size``. ``"double_backward"``:
-    ``autograd.grad`` of the gradient, one vector at a time. ``"auto"`` (default): ``func`` for
-    blocks of vectors, double backward for a single vector (cheaper there) and whenever a model
-    does not go through ``torch.func`` (with a warning) or BN is in train mode.
+    ``vmap``-ed over a block of vectors in chunks of ``chunk_size``. ``"double_backward"``: the
+    gradient graph of a batch is built once (``create_graph=True``) and differentiated again for
+    the whole block of vectors in one batched call (``is_grads_batched``; one vector at a time
+    where a model's ops cannot be batched). ``"auto"`` (default): double backward whenever the
+    graphs are reused, for a single vector, when BN is in train mode, or when a model does not go
+    through ``torch.func`` (with a warning); ``func`` for blocks otherwise.
+
+    ``reuse_graph`` keeps each batch's gradient graph between products, so a forward and
+    backward pass is paid once per batch for all the products of an estimate (PyHessian's
+    single-batch strategy): the fastest for Hutchinson and Lanczos, at the memory cost of every
+    batch's activations and gradient graph. ``None`` (default) reuses them when the batches are a
+    single batch.
 
     Args:
         model: ``forward(x) -> logits``; it is not modified (parameters and buffers are copies).
@@ -56,6 +64,7 @@ class HessianOperator:
         buffers: ``{name: tensor}`` (default: clones of the model's buffers).
         bn_mode: ``"eval"`` (running statistics, the default) or ``"train"``.
         distributed: sum products across ranks; ``None`` detects an initialised process group.
+        reuse_graph: keep the gradient graphs between products (see above).
 
     Shapes: ``matvec(V)`` takes ``[P]`` or ``[k, P]`` and returns the same shape, ``P = dim``.
     """
@@ -63,7 +72,7 @@ class HessianOperator:
     def __init__(self, model: nn.Module, loss_fn: Criterion | str | None, batches: Iterable[Batch],
                  params: Mapping[str, Tensor] | None = None, buffers: Mapping[str, Tensor] | None = None,
                  bn_mode: str = "eval", backend: str = "auto", chunk_size: int | None = 8,
-                 distributed: bool | None = None) -> None:
+                 distributed: bool | None = None, reuse_graph: bool | None = None) -> None:
         check_choice("backend", backend, BACKENDS)
         self.model = model
         self.loss_fn, self.criterion_name = resolve_criterion(loss_fn, "loss_fn")
@@ -85,6 +94,12 @@ class HessianOperator:
         self.dtype, self.device = first.dtype, first.device
         self.num_matvecs = 0
         self._num_samples: int | None = None
+        if reuse_graph is None:
+            reuse_graph = hasattr(self.batches, "__len__") and len(self.batches) == 1
+        self.reuse_graph = reuse_graph
+        # (batch size, parameter leaves, gradients with their graph) per batch, when reused
+        self._graphs: list[tuple[int, list[Tensor], tuple[Tensor | None, ...]]] | None = None
+        self._batched_backward = True  # cleared when a model's ops cannot be vmapped
 
     # -- layout ----------------------------------------------------------------------------
     def slices(self, group: str = "module") -> dict[str, slice]:
@@ -121,18 +136,40 @@ class HessianOperator:
 
         return vmap(one, chunk_size=self.chunk_size)(tangents)
 
-    def _hvp_double_backward(self, batch: Batch, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _gradient_graph(self, batch: Batch) -> tuple[list[Tensor], tuple[Tensor | None, ...]]:
+        """Parameter leaves and the gradient of the batch loss, with its graph kept."""
         p = {n: t.detach().requires_grad_(True) for n, t in self.params.items()}
         leaves = list(p.values())
-        g = torch.autograd.grad(self._loss(p, batch), leaves, create_graph=True, allow_unused=True)
+        return leaves, torch.autograd.grad(self._loss(p, batch), leaves, create_graph=True, allow_unused=True)
+
+    def _hvp_from_graph(self, leaves: list[Tensor], grads: tuple[Tensor | None, ...],
+                        tangents: dict[str, Tensor], retain: bool) -> dict[str, Tensor]:
         k = next(iter(tangents.values())).shape[0]
         out = {n: torch.zeros_like(tangents[n]) for n in self.names}
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        if not live:  # the loss is at most linear in the parameters
+            return out
+        if k > 1 and self._batched_backward:
+            try:
+                hv = torch.autograd.grad([grads[i] for i in live], leaves,
+                                         grad_outputs=[tangents[self.names[i]] for i in live],
+                                         retain_graph=True, is_grads_batched=True, allow_unused=True)
+            except (RuntimeError, NotImplementedError) as err:
+                warnings.warn(f"HessianOperator: batched double backward failed ({err}); one vector at a time",
+                              stacklevel=4)
+                self._batched_backward = False
+            else:
+                return {n: h if h is not None else out[n] for n, h in zip(self.names, hv)}
         vectors = [[tangents[n][i] for n in self.names] for i in range(k)]
-        for i, hv in enumerate(hessian_vector_products(g, leaves, vectors, retain_graph=False)):
+        for i, hv in enumerate(hessian_vector_products(grads, leaves, vectors, retain_graph=retain)):
             for n, h in zip(self.names, hv):
                 if h is not None:
                     out[n][i] = h
         return out
+
+    def _hvp_double_backward(self, batch: Batch, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
+        leaves, grads = self._gradient_graph(batch)
+        return self._hvp_from_graph(leaves, grads, tangents, retain=False)
 
     def _batch_hvp(self, batch: Batch, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
         single = next(iter(tangents.values())).shape[0] == 1
@@ -149,6 +186,26 @@ class HessianOperator:
                 self.backend = "double_backward"
         return self._hvp_double_backward(batch, tangents)
 
+    def _products(self, tangents: dict[str, Tensor], k: int) -> Iterator[tuple[int, Tensor]]:
+        """``(batch size, flat H_b V)`` per batch, from the kept graphs or batch by batch."""
+        if self.reuse_graph and self.backend != "func":
+            if self._graphs is None:
+                graphs = []
+                for raw in self.batches:
+                    batch = batch_to(as_batch(raw), self.device, self.dtype)
+                    graphs.append((batch_len(batch), *self._gradient_graph(batch)))
+                self._graphs = graphs
+            for nb, leaves, grads in self._graphs:
+                yield nb, self.flatten(self._hvp_from_graph(leaves, grads, tangents, retain=True), k)
+            return
+        for raw in self.batches:
+            batch = batch_to(as_batch(raw), self.device, self.dtype)
+            yield batch_len(batch), self.flatten(self._batch_hvp(batch, tangents), k)
+
+    def release(self) -> None:
+        """Free the kept gradient graphs (they are rebuilt on the next product)."""
+        self._graphs = None
+
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`H v` for ``v [P]`` or a block ``[k, P]``."""
         single = v.ndim == 1
@@ -157,10 +214,8 @@ class HessianOperator:
         acc = torch.zeros_like(block)
         n = 0
         with batchnorm_mode(self.model, self.bn_mode), torch.enable_grad():
-            for raw in self.batches:
-                batch = batch_to(as_batch(raw), self.device, self.dtype)
-                nb = batch_len(batch)
-                acc += nb * self.flatten(self._batch_hvp(batch, tangents), block.shape[0])
+            for nb, product in self._products(tangents, block.shape[0]):
+                acc += nb * product
                 n += nb
         total = self.num_samples(n)
         if self.distributed:

@@ -32,8 +32,12 @@ def hessian_trace(model: nn.Module, loss_fn: Criterion | str | None, batches: It
                   method: str = "hutchinson", seed: int = 0, per_layer: bool = True,
                   params: Mapping[str, Tensor] | None = None, buffers: Mapping[str, Tensor] | None = None,
                   bn_mode: str = "eval", backend: str = "auto", chunk_size: int = 8,
-                  distributed: bool | None = None) -> TraceEstimate:
+                  distributed: bool | None = None, reuse_graph: bool | None = None) -> TraceEstimate:
     r"""Trace of the Hessian of the mean criterion over ``batches``, by Hutchinson or Hutch++.
+
+    ``chunk_size`` probes share one product call; ``reuse_graph`` keeps each batch's gradient
+    graph for all of them (default: when ``batches`` is a single batch; see
+    :class:`~models.curvature.HessianOperator`).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 2))
@@ -43,7 +47,8 @@ def hessian_trace(model: nn.Module, loss_fn: Criterion | str | None, batches: It
         True
     """
     check_choice("method", method, TRACE_METHODS)
-    op = HessianOperator(model, loss_fn, batches, params, buffers, bn_mode, backend, chunk_size, distributed)
+    op = HessianOperator(model, loss_fn, batches, params, buffers, bn_mode, backend, chunk_size, distributed,
+                         reuse_graph)
     gen = torch.Generator().manual_seed(seed)
     slices = op.slices() if per_layer else None
     if method == "hutch++":
@@ -56,7 +61,7 @@ def hessian_top_eigenvalues(model: nn.Module, loss_fn: Criterion | str | None, b
                             params: Mapping[str, Tensor] | None = None,
                             buffers: Mapping[str, Tensor] | None = None, bn_mode: str = "eval",
                             backend: str = "auto", distributed: bool | None = None,
-                            basis_size: int = 20) -> tuple[Tensor, dict[str, float]]:
+                            basis_size: int = 20, reuse_graph: bool | None = None) -> tuple[Tensor, dict[str, float]]:
     """Top-``k`` Hessian eigenvalues by restarted Lanczos
     (:func:`~models.curvature.lanczos_top_eigenvalues`, at most ``basis_size`` vectors of the
     parameter count in memory) on a :class:`~models.curvature.HessianOperator`.
@@ -68,6 +73,6 @@ def hessian_top_eigenvalues(model: nn.Module, loss_fn: Criterion | str | None, b
         >>> bool(values[0] >= values[1])
         True
     """
-    op = HessianOperator(model, loss_fn, batches, params, buffers, bn_mode, backend, 1, distributed)
+    op = HessianOperator(model, loss_fn, batches, params, buffers, bn_mode, backend, 1, distributed, reuse_graph)
     return lanczos_top_eigenvalues(op.matvec, op.dim, k, max_iter, tol, torch.Generator().manual_seed(seed),
                                    op.dtype, op.device, basis_size)

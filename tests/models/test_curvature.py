@@ -17,14 +17,23 @@ from models import hutchinson_forms
 from tests.helpers import exact_hessian
 
 
-@pytest.mark.parametrize("backend", ["func", "double_backward"])
-def test_hvp_matches_exact_hessian(setup, backend):
+@pytest.mark.parametrize("backend, reuse", [("func", False), ("double_backward", False), ("double_backward", True),
+                                            ("auto", True)])
+def test_hvp_matches_exact_hessian(setup, backend, reuse):
     net, batches, H, _, _ = setup
-    op = HessianOperator(net, None, batches, backend=backend, chunk_size=2)
+    op = HessianOperator(net, None, batches, backend=backend, chunk_size=2, reuse_graph=reuse)
     V = torch.randn(3, op.dim, dtype=torch.float64)
     torch.testing.assert_close(op.matvec(V), V @ H, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(op.matvec(V[0]), V[0] @ H, atol=1e-12, rtol=1e-10)
-    assert op.backend == backend and op.num_matvecs == 4
+    torch.testing.assert_close(op.matvec(V), V @ H, atol=1e-12, rtol=1e-10)  # a kept graph serves again
+    assert op.backend == backend and op.num_matvecs == 7
+    assert (op._graphs is not None) == reuse and op._batched_backward  # the batched backward worked
+
+
+def test_graphs_are_kept_only_for_a_single_batch_by_default(setup):
+    net, batches, _, _, _ = setup
+    assert not HessianOperator(net, None, batches).reuse_graph
+    assert HessianOperator(net, None, batches[:1]).reuse_graph
 
 
 def test_lanczos_top_eigenvalues_match_exact(setup):
