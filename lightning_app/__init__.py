@@ -1,8 +1,15 @@
 """The ``lightning`` command (LightningCLI), packaged configs, and the boosting orchestrator."""
 
-from .boosting import BoostingConfig, BoostingOrchestrator, training_set_fingerprint
+from .boosted_ensemble import BoostedEnsemble, EnsemblePredictionWriter
+from .boosting import (
+    BoostingConfig,
+    BoostingOrchestrator,
+    RoundCheckpoint,
+    member_seed,
+    training_set_fingerprint,
+)
 from .cli import MarginBoostCLI, build_cli, main, packaged_configs, resolve_config
-from .ensemble import ensemble_metrics
+from .ensemble import brier_score, ensemble_metrics
 from .gap_rules import (
     ClippedGapRule,
     GapRule,
@@ -13,18 +20,23 @@ from .gap_rules import (
 )
 
 __all__ = [
+    "BoostedEnsemble",
     "BoostingConfig",
     "BoostingOrchestrator",
     "ClippedGapRule",
+    "EnsemblePredictionWriter",
     "GapRule",
     "MarginBoostCLI",
     "MeanGapRule",
     "NoGapRule",
     "NormalizedGapRule",
+    "RoundCheckpoint",
     "TargetGapRule",
+    "brier_score",
     "build_cli",
     "ensemble_metrics",
     "main",
+    "member_seed",
     "packaged_configs",
     "resolve_config",
     "training_set_fingerprint",

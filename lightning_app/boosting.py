@@ -3,15 +3,17 @@
 ```
 g ← 0, M ← 0
 for t in 1..T:
-    θ_t ← fit a fresh member (seed = seed + t − 1) on the discounted loss with gaps g
+    θ_t ← fit a fresh member (seed = member_seed(seed, t)) on the discounted loss with gaps g
     M ← M + m(θ_t)           # margins on the whole training set, eval mode, un-augmented
     g ← gap_rule(M, t)       # default: 2·mean(M) − M
 ```
 
-The state (round, ``M``, gaps, member checkpoints, seeds, a fingerprint of the training set) is
-saved after every round, so re-running the same command continues where a run stopped; a round cut
-off in the middle is trained again from its seed. Under DDP the orchestrator runs on every rank,
-collectives on every rank, files are written by rank 0 only.
+The state (rounds done, ``M``, gaps, member checkpoints, seeds, a fingerprint of the training set
+and of every config field that changes results) is saved after every round; re-running the same
+command continues where a run stopped. A round cut off in the middle continues from Lightning's
+last checkpoint of that round (with the RNG states), so a killed-and-resumed run ends bit-identical
+to an uninterrupted one on CPU. Under DDP the orchestrator runs on every rank, collectives on every
+rank, files are written by rank 0 only.
 """
 
 from __future__ import annotations
@@ -19,29 +21,45 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from jsonargparse import lazy_instance
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from callbacks import SharpnessCallback, margin_summary
 from marginboost import collect_logits, comm_device, is_distributed
+from marginboost.errors import ConfigError, check_bool, check_int
 from models import margins
 
 from .ensemble import ensemble_metrics
 from .gap_rules import GapRule, MeanGapRule
+from .run_dir import (
+    MEMBER_FILE,
+    STATE_FILE,
+    SUMMARY_FILE,
+    check_run_dir,
+    fingerprint_differences,
+    load_state,
+    member_paths,
+    round_dir,
+    save_atomic,
+)
 
-STATE_FILE = "state.pt"
-SUMMARY_FILE = "summary.json"
+STATE_VERSION = 2
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+LOGGED_MARKER = "logged_round.json"
 
 
 @dataclass
@@ -49,7 +67,7 @@ class BoostingConfig:
     """The ``boosting:`` section of a config; its presence turns ``fit`` into a boosting run.
 
     Attributes:
-        rounds: number of members T.
+        rounds: number of members T (a finished run can be extended by raising it).
         gap_rule: a ``GapRule`` (``class_path``/``init_args``); default ``MeanGapRule``.
         run_dir: one directory for the run: per-round logs and checkpoints, ``state.pt``,
             ``summary.json`` and the ensemble's TensorBoard events.
@@ -62,6 +80,11 @@ class BoostingConfig:
     run_dir: str = "runs/boost"
     seed: int = 0
     resume: bool = True
+
+
+def member_seed(seed: int, t: int) -> int:
+    """The seed of member ``t`` (``1..T``): initialisation and data order of that round."""
+    return seed + t - 1
 
 
 def training_set_fingerprint(targets: Tensor) -> dict[str, Any]:
@@ -126,13 +149,57 @@ def _sharded(loader: DataLoader) -> DataLoader:
                       sampler=DistributedSampler(loader.dataset, shuffle=False), pin_memory=loader.pin_memory)
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    if path.suffix == ".json":
-        tmp.write_text(json.dumps(obj, indent=2))
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _rng_states() -> dict[str, Any]:
+    """Every global RNG state, as tensors and ints (checkpoints load with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(),
+              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+              "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RoundCheckpoint(ModelCheckpoint):
+    """Lightning's last checkpoint of the round in training (``round_<t>/checkpoints/last.ckpt``).
+
+    Saved at every training-epoch end, with the RNG states (torch, CUDA, NumPy, Python) of that
+    moment, so a round resumed from it draws the same data order and augmentations as an
+    uninterrupted one. Removed once the round is committed to ``state.pt``.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, every_n_epochs=1,
+                         save_on_train_epoch_end=True, enable_version_counter=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # With save_top_k=0 ModelCheckpoint writes last.ckpt only when a top-k file was written this
+        # step; here last.ckpt is the only file, written at every epoch end.
+        if not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rng_states": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rng = state_dict.pop("rng_states", None)
+        super().load_state_dict(state_dict)
+        if rng is not None:
+            _set_rng_states(rng)
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 class BoostingOrchestrator:
@@ -145,22 +212,38 @@ class BoostingOrchestrator:
                            lambda t, round_dir: L.Trainer(max_epochs=10, default_root_dir=round_dir),
                            DigitsDataModule())
 
+    Rounds are numbered ``t = 1..T`` everywhere (folders ``round_<t>``, console, TensorBoard
+    steps, ``summary.json``); the factories receive ``t``.
+
     Args:
         rounds: number of members T (>= 1).
         gap_rule: maps cumulative margins to gaps; ``MeanGapRule()`` by default.
         run_dir: directory of the run (see :class:`BoostingConfig`).
-        seed: member t uses ``seed + t − 1``.
+        seed: member t uses ``member_seed(seed, t) = seed + t − 1``.
         resume: continue a run found in ``run_dir``.
+        config_fingerprint: ``{field: value}`` of the configuration that changes results (the CLI
+            passes the resolved model, data, trainer and boosting fields); a resumed run must
+            match it field for field.
+        require_existing: ``run_dir`` must already hold a run (``--ckpt_path RUN_DIR``).
     """
 
     def __init__(self, rounds: int = 3, gap_rule: GapRule | None = None, run_dir: str | Path = "runs/boost",
-                 seed: int = 0, resume: bool = True) -> None:
-        if not isinstance(rounds, int) or rounds < 1:
-            raise ValueError(f"boosting.rounds must be an integer >= 1, got {rounds!r}")
+                 seed: int = 0, resume: bool = True, config_fingerprint: Mapping[str, str] | None = None,
+                 require_existing: bool = False) -> None:
+        self.rounds = check_int("boosting.rounds", rounds, low=1)
         if gap_rule is not None and not isinstance(gap_rule, GapRule):
-            raise TypeError(f"boosting.gap_rule must be a GapRule, got {type(gap_rule).__name__}")
-        self.rounds, self.gap_rule = rounds, gap_rule or MeanGapRule()
-        self.run_dir, self.seed, self.resume = Path(run_dir), seed, resume
+            raise ConfigError("boosting.gap_rule", type(gap_rule).__name__,
+                              "a lightning_app.GapRule (class_path/init_args)", describe=True)
+        self.gap_rule = gap_rule or MeanGapRule()
+        if isinstance(run_dir, Path):
+            run_dir = str(run_dir)
+        if not isinstance(run_dir, str) or not run_dir:
+            raise ConfigError("boosting.run_dir", run_dir, "a directory path")
+        self.run_dir = Path(run_dir)
+        self.seed = check_int("boosting.seed", seed)
+        self.resume = check_bool("boosting.resume", resume)
+        self.config_fingerprint = dict(config_fingerprint or {})
+        self.require_existing = require_existing
         self.state: dict[str, Any] | None = None
 
     @classmethod
@@ -174,29 +257,46 @@ class BoostingOrchestrator:
     def state_path(self) -> Path:
         return self.run_dir / STATE_FILE
 
-    def _fresh_state(self, fingerprint: dict[str, Any], num_train: int) -> dict[str, Any]:
-        return {"version": 1, "rounds_done": 0, "seed": self.seed, "gap_rule": repr(self.gap_rule),
+    def fingerprint(self, targets: Tensor) -> dict[str, str]:
+        """Every field a resumed run must share with the saved one, as ``{field: json text}``."""
+        return {"data.training_set": json.dumps(training_set_fingerprint(targets), sort_keys=True),
+                "boosting.gap_rule": json.dumps(repr(self.gap_rule)),
+                "boosting.seed": json.dumps(self.seed), **self.config_fingerprint}
+
+    def _fresh_state(self, fingerprint: dict[str, str], num_train: int) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "rounds_done": 0, "seed": self.seed, "gap_rule": repr(self.gap_rule),
                 "fingerprint": fingerprint, "M": torch.zeros(num_train), "gaps": torch.zeros(num_train),
                 "train_logit_sum": None, "val_logits": [], "members": [], "history": []}
 
-    def _load_or_start(self, fingerprint: dict[str, Any], num_train: int) -> dict[str, Any]:
+    def check_startable(self) -> None:
+        """The checks that need no data: run directory usable, ``--ckpt_path`` names a run."""
+        if self.require_existing and not self.state_path.is_file():
+            raise ConfigError("ckpt_path", str(self.run_dir),
+                              f"a boosting run directory holding {STATE_FILE} (or that file); to start a new "
+                              "run leave --ckpt_path out", describe=False)
+        check_run_dir(self.run_dir)
+        if self.state_path.exists() and not self.resume:
+            raise ConfigError("boosting.resume", False, f"true, to continue the run in {str(self.run_dir)!r} "
+                              "(it holds state.pt), or another boosting.run_dir")
+
+    def _load_or_start(self, fingerprint: dict[str, str], num_train: int) -> dict[str, Any]:
+        self.check_startable()
         if not self.state_path.exists():
             return self._fresh_state(fingerprint, num_train)
-        if not self.resume:
-            raise FileExistsError(f"boosting.run_dir {str(self.run_dir)!r} already holds a run ({STATE_FILE}); "
-                                  "set boosting.resume=true to continue it, or choose another run_dir")
-        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"boosting: the run in {str(self.run_dir)!r} was trained on a different training set "
-                f"(saved {state['fingerprint']}, now {fingerprint}); refusing to resume. "
-                "Use another boosting.run_dir for a new data set.")
-        if state["gap_rule"] != repr(self.gap_rule):
-            raise ValueError(f"boosting.gap_rule={self.gap_rule!r} differs from the run being resumed "
-                             f"({state['gap_rule']}); use the same rule or another run_dir")
-        if state["seed"] != self.seed:
-            raise ValueError(f"boosting.seed={self.seed} differs from the run being resumed "
-                             f"(seed={state['seed']}); use the same seed or another run_dir")
+        state = load_state(self.run_dir)
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(str(self.state_path), f"version {state.get('version')}",
+                              f"version {STATE_VERSION} (rounds numbered from 1); start a new run in another "
+                              "boosting.run_dir", describe=True)
+        differences = fingerprint_differences(state["fingerprint"], fingerprint)
+        if differences:
+            raise ConfigError(f"resume of {self.run_dir}", "; ".join(differences),
+                              "the configuration the run was started with (drop these overrides), or another "
+                              "boosting.run_dir for a new run", describe=True)
+        if self.rounds < state["rounds_done"]:
+            raise ConfigError("boosting.rounds", self.rounds,
+                              f"an integer >= {state['rounds_done']} (rounds already done in {self.run_dir})")
+        member_paths(self.run_dir, state)  # every completed member's checkpoint must be there
         return state
 
     # -- the loop ---------------------------------------------------------------------------
@@ -205,30 +305,37 @@ class BoostingOrchestrator:
         """Train the remaining rounds; returns the summary (also written to ``summary.json``).
 
         Args:
-            model_factory: ``(round, seed) -> LightningModule``, called after seeding.
-            trainer_factory: ``(round, round_dir) -> Trainer``; a fresh Trainer per round.
+            model_factory: ``(t, seed) -> LightningModule``, called after seeding; ``t`` in ``1..T``.
+            trainer_factory: ``(t, round_dir) -> Trainer``; a fresh Trainer per round.
             datamodule: a ``GapDataModule`` (needs ``set_gaps``, ``train_eval_dataloader``).
         """
+        self.check_startable()
         if os.environ.get("LOCAL_RANK", "0") == "0":
             datamodule.prepare_data()  # download once per node, before the training set is read
         targets = _wait_for_training_set(datamodule)
         num_train = datamodule.num_train
-        state = self.state = self._load_or_start(training_set_fingerprint(targets), num_train)
+        state = self.state = self._load_or_start(self.fingerprint(targets), num_train)
+        self._publish(state, targets)  # repairs summary.json / events a crash left stale
         datamodule.set_gaps(state["gaps"])
         display = _RoundDisplay(self.rounds)
-        for r in range(state["rounds_done"], self.rounds):
-            seed = self.seed + r
-            display.start(r, seed)
+        if state["rounds_done"] == self.rounds:
+            display.complete(state["rounds_done"], self.run_dir)
+        for t in range(state["rounds_done"] + 1, self.rounds + 1):
+            seed = member_seed(self.seed, t)
+            display.start(t, seed)
             L.seed_everything(seed, workers=True, verbose=False)
-            model = model_factory(r, seed)
-            round_dir = self.run_dir / f"round_{r}"
-            trainer = trainer_factory(r, round_dir)
+            model = model_factory(t, seed)
+            rdir = round_dir(self.run_dir, t)
+            trainer = trainer_factory(t, rdir)
+            _check_trainer_trains(trainer)
+            trainer.callbacks.append(RoundCheckpoint(rdir / LAST_CHECKPOINT.parent))
+            last = rdir / LAST_CHECKPOINT
             started = time.perf_counter()
-            trainer.fit(model, datamodule=datamodule)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
             if trainer.interrupted:
-                raise KeyboardInterrupt(f"boosting round {r + 1} was interrupted; re-run the command to resume")
+                raise KeyboardInterrupt(f"boosting round {t} was interrupted; re-run the command to resume")
             fit_seconds = time.perf_counter() - started
-            checkpoint = round_dir / "member.ckpt"
+            checkpoint = rdir / MEMBER_FILE
             trainer.save_checkpoint(checkpoint)  # every rank calls it; rank 0 writes
             train_logits, val_logits, val_y, score_seconds = self._score(model, trainer, datamodule, num_train)
             train_logits = train_logits.cpu()
@@ -237,21 +344,24 @@ class BoostingOrchestrator:
             logit_sum = train_logits if state["train_logit_sum"] is None else state["train_logit_sum"] + train_logits
             state["train_logit_sum"] = logit_sum
             ensemble_m = margins(logit_sum, targets)
-            gaps = self.gap_rule(state["M"], r + 1)
+            gaps = self.gap_rule(state["M"], t)
             assert_identical_across_ranks(gaps, "gaps")
             datamodule.set_gaps(gaps)
             state["gaps"] = gaps.clone()
             state["val_logits"].append(val_logits.cpu())
             metrics = ensemble_metrics(state["val_logits"], val_y.cpu())
-            record = {"round": r + 1, "seed": seed, "checkpoint": str(checkpoint), "fit_seconds": fit_seconds,
+            relative = str(checkpoint.relative_to(self.run_dir))
+            record = {"round": t, "seed": seed, "checkpoint": relative, "fit_seconds": fit_seconds,
                       "score_seconds": score_seconds, **metrics,
                       "member_train_margin": margin_summary(m),
                       "ensemble_train_margin": margin_summary(ensemble_m),
                       "gap": margin_summary(gaps), "sharpness": member_sharpness(trainer)}
-            state["members"].append({"round": r + 1, "seed": seed, "checkpoint": str(checkpoint)})
+            state["members"].append({"round": t, "seed": seed, "checkpoint": relative,
+                                     "class_path": _class_path(model)})
             state["history"].append(record)
-            state["rounds_done"] = r + 1
-            self._write(state, m, ensemble_m)
+            state["rounds_done"] = t
+            self._commit(state, m)
+            self._publish(state, targets)
             display.end(state["history"])
         return self.summary(state)
 
@@ -273,14 +383,42 @@ class BoostingOrchestrator:
                 "run_dir": str(self.run_dir), "history": state["history"]}
 
     @rank_zero_only
-    def _write(self, state: dict[str, Any], member_margins: Tensor, ensemble_margins: Tensor) -> None:
-        round_dir = self.run_dir / f"round_{state['rounds_done'] - 1}"
-        round_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"M": state["M"], "gaps": state["gaps"], "member_margins": member_margins},
-                   round_dir / "margins.pt")
-        _save_atomic(state, self.state_path)
-        _save_atomic(self.summary(state), self.run_dir / SUMMARY_FILE)
-        _log_round(self.run_dir / "ensemble", state, member_margins, ensemble_margins)
+    def _commit(self, state: dict[str, Any], member_margins: Tensor) -> None:
+        """Round ``t``'s margins, then ``state.pt`` (the commit point), then drop the round's last.ckpt."""
+        rdir = round_dir(self.run_dir, state["rounds_done"])
+        rdir.mkdir(parents=True, exist_ok=True)
+        save_atomic({"M": state["M"], "gaps": state["gaps"], "member_margins": member_margins},
+                    rdir / "margins.pt")
+        save_atomic(state, self.state_path)
+        (rdir / LAST_CHECKPOINT).unlink(missing_ok=True)
+
+    @rank_zero_only
+    def _publish(self, state: dict[str, Any], targets: Tensor) -> None:
+        """The ensemble's events and ``summary.json`` of the committed state, each written once.
+
+        Idempotent: a run that died between ``state.pt`` and these files gets them on its next start.
+        """
+        t = state["rounds_done"]
+        if t == 0:
+            return
+        marker = self.run_dir / "ensemble" / LOGGED_MARKER
+        logged = json.loads(marker.read_text())["round"] if marker.is_file() else 0
+        if logged < t:
+            member_margins = torch.load(round_dir(self.run_dir, t) / "margins.pt", weights_only=True)["member_margins"]
+            _log_round(self.run_dir / "ensemble", state, member_margins, margins(state["train_logit_sum"], targets))
+            save_atomic({"round": t}, marker)
+        summary_path = self.run_dir / SUMMARY_FILE
+        summary = self.summary(state)
+        if not summary_path.is_file() or json.loads(summary_path.read_text()) != json.loads(json.dumps(summary)):
+            save_atomic(summary, summary_path)
+
+
+def _check_trainer_trains(trainer: L.Trainer) -> None:
+    """A member that trains no step would be scored untrained and recorded as a round."""
+    if trainer.max_epochs == 0:
+        raise ConfigError("trainer.max_epochs", 0, "an integer >= 1 under boosting (each member must train)")
+    if trainer.max_steps == 0:
+        raise ConfigError("trainer.max_steps", 0, "-1 or an integer >= 1 under boosting (each member must train)")
 
 
 def _log_round(log_dir: Path, state: dict[str, Any], member_margins: Tensor, ensemble_margins: Tensor) -> None:
@@ -289,9 +427,11 @@ def _log_round(log_dir: Path, state: dict[str, Any], member_margins: Tensor, ens
 
     record, step = state["history"][-1], state["rounds_done"]
     with SummaryWriter(str(log_dir)) as writer:
-        for key in ("boosted_acc", "boosted_nll", "boosted_ece", "deep_acc", "deep_nll", "deep_ece", "disagreement"):
+        for key in ("boosted_acc", "boosted_nll", "boosted_ece", "boosted_brier", "deep_acc", "deep_nll", "deep_ece",
+                "deep_brier", "disagreement"):
             writer.add_scalar(f"ensemble/{key}", record[key], step)
-        writer.add_scalar("member/acc", record[f"member_acc_{step - 1}"], step)
+        for key in ("acc", "nll", "ece", "brier"):
+            writer.add_scalar(f"member/{key}", record[f"member_{key}_{step}"], step)
         for key, value in record["member_train_margin"].items():
             writer.add_scalar(f"member/train_margin_{key}", value, step)
         for key, value in record["ensemble_train_margin"].items():
@@ -333,10 +473,17 @@ class _RoundDisplay:
         self.rounds = rounds
 
     @rank_zero_only
-    def start(self, r: int, seed: int) -> None:
+    def start(self, t: int, seed: int) -> None:
         from rich.console import Console
 
-        Console().rule(f"[bold]boosting round {r + 1}/{self.rounds}[/bold] (seed {seed})")
+        Console().rule(f"[bold]boosting round {t}/{self.rounds}[/bold] (seed {seed})")
+
+    @rank_zero_only
+    def complete(self, done: int, run_dir: Path) -> None:
+        from rich.console import Console
+
+        Console().print(f"boosting: run complete ({done}/{self.rounds} rounds) in {run_dir}; nothing to train. "
+                        "Raise boosting.rounds to add members; evaluate with `lightning test` on the same config.")
 
     @rank_zero_only
     def end(self, history: list[dict[str, Any]]) -> None:
@@ -347,8 +494,9 @@ class _RoundDisplay:
         for col in ("round", "member acc", "boosted acc", "deep acc", "boosted NLL", "deep NLL",
                     "disagree", "mean gap", "fit s"):
             table.add_column(col, justify="right")
-        for i, rec in enumerate(history):
-            table.add_row(str(rec["round"]), f"{rec[f'member_acc_{i}']:.4f}", f"{rec['boosted_acc']:.4f}",
+        for rec in history:
+            t = rec["round"]
+            table.add_row(str(t), f"{rec[f'member_acc_{t}']:.4f}", f"{rec['boosted_acc']:.4f}",
                           f"{rec['deep_acc']:.4f}", f"{rec['boosted_nll']:.4f}", f"{rec['deep_nll']:.4f}",
                           f"{rec['disagreement']:.4f}", f"{rec['gap']['mean']:.3f}", f"{rec['fit_seconds']:.1f}")
         Console().print(table)

@@ -8,14 +8,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules import GapDataModule
+from marginboost.errors import ConfigError
 from models import MarginClassifier
 
-from .boosting import BoostingConfig, BoostingOrchestrator
+from .boosted_ensemble import BoostedEnsemble, EnsemblePredictionWriter
+from .boosting import BoostingConfig, BoostingOrchestrator, _check_trainer_trains
+from .run_dir import STATE_FILE, flatten_config, load_state
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -51,11 +55,42 @@ def resolve_config_args(argv: list[str]) -> list[str]:
     return out
 
 
+# Trainer fields that change what a member learns; the others (devices, loggers, progress bars,
+# callbacks, validation cadence) are free to change when a boosting run is resumed.
+RESULT_TRAINER_FIELDS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "max_time", "limit_train_batches",
+                         "overfit_batches", "precision", "accumulate_grad_batches", "gradient_clip_val",
+                         "gradient_clip_algorithm", "deterministic", "sync_batchnorm",
+                         "reload_dataloaders_every_n_epochs")
+# Data fields that only change how data is delivered, not which samples or how they are augmented.
+FREE_DATA_FIELDS = ("num_workers", "pin_memory", "persistent_workers", "data_dir", "download")
+# Boosting fields outside the fingerprint: where the run lives, whether to resume, and the number of
+# rounds (raising it extends a run); the gap rule and seed are compared by the orchestrator itself.
+FREE_BOOSTING_FIELDS = ("run_dir", "resume", "rounds", "gap_rule", "seed")
+PROJECT_PACKAGES = ("models", "datamodules", "callbacks", "lightning_app", "marginboost")
+
+
+def result_fingerprint(config) -> dict[str, str]:
+    """``{field: json}`` of the resolved config fields that change a boosting run's results."""
+    get = config.get if hasattr(config, "get") else (lambda key, default=None: getattr(config, key, default))
+    out = flatten_config(get("model"), "model")
+    for key, value in flatten_config(get("data"), "data").items():
+        if key.rsplit(".", 1)[-1] not in FREE_DATA_FIELDS:
+            out[key] = value
+    trainer = get("trainer") or {}
+    trainer = trainer.as_dict() if hasattr(trainer, "as_dict") else dict(trainer)
+    out.update(flatten_config({k: trainer.get(k) for k in RESULT_TRAINER_FIELDS}, "trainer"))
+    boosting = get("boosting")
+    boosting = boosting.as_dict() if hasattr(boosting, "as_dict") else dict(vars(boosting) if boosting else {})
+    out.update(flatten_config({k: v for k, v in boosting.items() if k not in FREE_BOOSTING_FIELDS}, "boosting"))
+    return out
+
+
 class MarginBoostCLI(LightningCLI):
     """LightningCLI with the data set's ``num_classes``/``input_shape`` linked into the model.
 
-    A ``boosting:`` section in the config turns ``fit`` into a :class:`BoostingOrchestrator` run;
-    without it ``fit`` trains one model.
+    A ``boosting:`` section in the config turns ``fit`` into a :class:`BoostingOrchestrator` run and
+    ``validate``/``test``/``predict`` into an evaluation of its :class:`BoostedEnsemble`; without it
+    the subcommands train or evaluate one model (evaluation needs ``--ckpt_path``).
     """
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -64,23 +99,90 @@ class MarginBoostCLI(LightningCLI):
         parser.add_argument("--boosting", type=BoostingConfig | None, default=None,
                             help="Boosting section: train members in sequence with gaps fed back.")
 
-    def fit(self, model, datamodule=None, ckpt_path=None, **kwargs):
-        boosting = self._get(self.config_init, "boosting", default=None)
+    # -- checks before any training ---------------------------------------------------------
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self.subcommand is None:
+            return
+        boosting = self._boosting()
+        ckpt_path = self._get(self.config, "ckpt_path", default=None)
         if boosting is None:
-            return self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
-        overrides = {}
-        if ckpt_path is not None:  # --ckpt_path RUN_DIR or RUN_DIR/state.pt resumes that run
-            path = Path(ckpt_path)
-            overrides = {"run_dir": path.parent if path.is_file() else path, "resume": True}
-        orchestrator = BoostingOrchestrator.from_config(boosting, **overrides)
-        return orchestrator.run(self._member_model, self._member_trainer, datamodule)
+            if self.subcommand in ("validate", "test", "predict") and ckpt_path is None:
+                raise ConfigError("ckpt_path", None,
+                                  f"the checkpoint of a trained model (lightning {self.subcommand} --config ... "
+                                  "--ckpt_path PATH); without it the model is freshly initialised")
+            return
+        if self.subcommand == "fit":
+            _check_trainer_trains(self.trainer)
+            self.orchestrator = BoostingOrchestrator.from_config(
+                boosting, config_fingerprint=result_fingerprint(self.config[self.subcommand]),
+                **self._run_dir_overrides(ckpt_path))
+            self.orchestrator.check_startable()
+        else:
+            run_dir = self._run_dir_overrides(ckpt_path).get("run_dir", boosting.run_dir)
+            load_state(run_dir)  # a clear error before any data is loaded if there is no run
 
-    def _member_model(self, round_index: int, seed: int):
+    def _boosting(self):
+        return self._get(self.config_init, "boosting", default=None)
+
+    @staticmethod
+    def _run_dir_overrides(ckpt_path) -> dict:
+        """``--ckpt_path RUN_DIR`` (or ``RUN_DIR/state.pt``) names the run to resume or evaluate."""
+        if ckpt_path is None:
+            return {}
+        path = Path(ckpt_path)
+        if path.is_file() and path.name != STATE_FILE:
+            raise ConfigError("ckpt_path", str(ckpt_path), f"a boosting run directory or its {STATE_FILE} "
+                              "(a config with a boosting: section evaluates the whole run)")
+        return {"run_dir": str(path.parent if path.is_file() else path), "require_existing": True}
+
+    # -- subcommands ------------------------------------------------------------------------
+    def fit(self, model, datamodule=None, ckpt_path=None, **kwargs):
+        if self._boosting() is None:
+            return self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        return self.orchestrator.run(self._member_model, self._member_trainer, datamodule)
+
+    def _ensemble(self, ckpt_path) -> tuple[BoostedEnsemble, Path]:
+        run_dir = Path(self._run_dir_overrides(ckpt_path).get("run_dir", self._boosting().run_dir))
+        ensemble = BoostedEnsemble.from_run_dir(run_dir)
+        state = load_state(run_dir)
+        if state["rounds_done"] < self._boosting().rounds:
+            rank_zero_warn(f"boosting run {run_dir} has {state['rounds_done']} of {self._boosting().rounds} rounds; "
+                           "evaluating the members it has")
+        return ensemble, run_dir
+
+    def validate(self, model, datamodule=None, ckpt_path=None, **kwargs):
+        if self._boosting() is None:
+            return self.trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        return self.trainer.validate(self._ensemble(ckpt_path)[0], datamodule=datamodule, **kwargs)
+
+    def test(self, model, datamodule=None, ckpt_path=None, **kwargs):
+        if self._boosting() is None:
+            return self.trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        return self.trainer.test(self._ensemble(ckpt_path)[0], datamodule=datamodule, **kwargs)
+
+    def predict(self, model, datamodule=None, ckpt_path=None, **kwargs):
+        if self._boosting() is None:
+            return self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+        ensemble, run_dir = self._ensemble(ckpt_path)
+        writers = [c for c in self.trainer.callbacks if isinstance(c, BasePredictionWriter)]
+        if not writers:
+            writers = [EnsemblePredictionWriter(run_dir / "predictions")]
+            self.trainer.callbacks.append(writers[0])
+        kwargs.setdefault("return_predictions", False)
+        out = self.trainer.predict(ensemble, datamodule=datamodule, **kwargs)
+        for writer in writers:
+            if getattr(writer, "path", None) is not None:
+                rank_zero_info(f"predictions written to {writer.path}")
+        return out
+
+    # -- the members of a boosting run --------------------------------------------------------
+    def _member_model(self, t: int, seed: int):
         """A fresh member: the config instantiated again (after the orchestrator seeded)."""
         self._member_init = self.parser.instantiate_classes(self.config)
         return self._get(self._member_init, "model")
 
-    def _member_trainer(self, round_index: int, round_dir: Path):
+    def _member_trainer(self, t: int, round_dir: Path):
         """A fresh Trainer from the same config, logging and checkpointing under ``round_dir``."""
         init = self._member_init
         config = dict(self._get(init, "trainer", default={}))
@@ -99,19 +201,71 @@ class MarginBoostCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> MarginBoostCLI:
+def build_cli(args: list[str] | None = None, run: bool = True, cli_class: type[MarginBoostCLI] | None = None,
+              **kwargs) -> MarginBoostCLI:
+    """The CLI. ``auto_configure_optimizers=False``: the optimizer and LR scheduler exist only as
+    ``model.init_args.optimizer`` / ``lr_scheduler`` (one path, honoured by boosting members too)."""
     kwargs.setdefault("trainer_defaults", {
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                    "init_args": {"save_dir": "runs", "name": "marginboost"}},
     })
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-    return MarginBoostCLI(MarginClassifier, GapDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                          args=args, run=run, **kwargs)
+    kwargs.setdefault("auto_configure_optimizers", False)
+    return (cli_class or MarginBoostCLI)(MarginClassifier, GapDataModule, subclass_mode_model=True,
+                                         subclass_mode_data=True, args=args, run=run, **kwargs)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of a user's mistake in ``exc`` (or its causes), ``None`` for a bug.
+
+    A ``ConfigError`` anywhere in the chain is one. So is a ``ValueError``/``FileNotFoundError``
+    raised by the project's own constructors while the config is instantiated (jsonargparse wraps
+    those in its own error); their wording is the raising package's.
+    """
+    seen, chain = set(), []
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in chain:
+        if isinstance(e, ConfigError):
+            return str(e)
+    for e in reversed(chain):  # the innermost cause first
+        if isinstance(e, (ValueError, FileNotFoundError)) and _raised_in_project(e):
+            return str(e)
+    return None
+
+
+def _raised_in_project(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    if last is None:
+        return False
+    parts = Path(last).resolve().parts
+    return any(part in PROJECT_PACKAGES for part in parts[-3:-1])
 
 
 def main(args: list[str] | None = None) -> None:
     argv = resolve_config_args(list(sys.argv[1:] if args is None else args))
-    build_cli(argv)
+    instantiating = True
+
+    class _CLI(MarginBoostCLI):  # marks where instantiation ends and the subcommand starts
+        def _run_subcommand(self, subcommand):
+            nonlocal instantiating
+            instantiating = False
+            return super()._run_subcommand(subcommand)
+
+    try:
+        build_cli(argv, cli_class=_CLI)
+    except Exception as exc:
+        message = user_error(exc) if instantiating else (str(exc) if isinstance(exc, ConfigError) else None)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

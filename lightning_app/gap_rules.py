@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from marginboost.errors import ConfigError, check_number
+
 
 class GapRule:
     """Base class. Subclasses implement :meth:`compute`; ``__call__`` validates and clips.
@@ -21,8 +23,12 @@ class GapRule:
     """
 
     def __init__(self, g_min: float | None = None, g_max: float | None = None) -> None:
+        if g_min is not None:
+            g_min = check_number("boosting.gap_rule.g_min", g_min)
+        if g_max is not None:
+            g_max = check_number("boosting.gap_rule.g_max", g_max)
         if g_min is not None and g_max is not None and g_min > g_max:
-            raise ValueError(f"boosting.gap_rule: g_min={g_min} must not exceed g_max={g_max}")
+            raise ConfigError("boosting.gap_rule.g_min", g_min, f"a number <= g_max={g_max}")
         self.g_min, self.g_max = g_min, g_max
 
     def compute(self, cumulative_margins: Tensor, rounds_done: int) -> Tensor:
@@ -72,7 +78,7 @@ class TargetGapRule(GapRule):
 
     def __init__(self, tau: float = 1.0, g_min: float | None = None, g_max: float | None = None) -> None:
         super().__init__(g_min, g_max)
-        self.tau = tau
+        self.tau = check_number("boosting.gap_rule.tau", tau)
 
     def compute(self, cumulative_margins: Tensor, rounds_done: int) -> Tensor:
         return torch.clamp(self.tau - cumulative_margins / rounds_done, min=0.0)

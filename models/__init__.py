@@ -10,6 +10,7 @@ Where a thing lives:
 * ``parameters``: parameters by regex (the one naming convention), the global norm.
 * ``scale_invariance``: which weights are scale-invariant, and their unit-norm copy.
 * ``curvature``: Hessian-vector products, Rademacher probes, Hutchinson, Hutch++, Lanczos.
+* ``schedulers``: learning-rate schedules over the run's length (``CosineAnnealingRunLR``).
 """
 
 from .backbones import available_backbones, build_backbone, register_backbone
@@ -44,11 +45,13 @@ from .scale_invariance import (
     select_scale_invariant,
     unit_norm_copy,
 )
+from .schedulers import CosineAnnealingRunLR
 from .state import ModelState, batchnorm_mode, preserved_batchnorm_stats, preserved_state
 
 __all__ = [
     "CRITERIA",
     "HEAD_INITS",
+    "CosineAnnealingRunLR",
     "CurvaturePenaltyClassifier",
     "DiscountedCrossEntropy",
     "HessianOperator",

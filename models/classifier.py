@@ -169,10 +169,21 @@ class MarginClassifier(L.LightningModule):
             out["idx"] = batch["idx"]
         return out
 
+    def _schedule_horizon(self) -> int | None:
+        """The run's length in scheduler steps: ``max_epochs``, or optimizer steps for interval ``step``."""
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        if self.scheduler_interval == "step":
+            return int(trainer.estimated_stepping_batches)
+        return trainer.max_epochs
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
+        if hasattr(scheduler, "set_horizon"):  # a schedule over the run's length (CosineAnnealingRunLR)
+            scheduler.set_horizon(self._schedule_horizon())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}

@@ -53,6 +53,18 @@ class KillAt(L.Callback):
             os._exit(3)  # a hard crash: no cleanup, no state written
 
 
+class EpochLog(L.Callback):
+    """Appends ``<round> <epoch>`` to ``path`` at each epoch start: shows what a resumed run re-trains."""
+
+    def __init__(self, path, t):
+        self.path, self.t = path, t
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.global_rank == 0:
+            with open(self.path, "a") as f:
+                f.write(f"{self.t} {trainer.current_epoch}\n")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--run-dir", required=True)
@@ -60,7 +72,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--kill-round", type=int, default=-1)
+    p.add_argument("--kill-round", type=int, default=-1, help="round t (1..T) to kill")
+    p.add_argument("--kill-epoch", type=int, default=1, help="epoch (0-based) at whose start it dies")
     p.add_argument("--data-seed", type=int, default=0)
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -71,7 +84,8 @@ def main():
                                  optimizer=lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9))
 
     def make_trainer(r, round_dir):
-        callbacks = [KillAt(1)] if r == a.kill_round else []
+        callbacks = [EpochLog(os.path.join(a.run_dir, "epochs.txt"), r)]
+        callbacks += [KillAt(a.kill_epoch)] if r == a.kill_round else []
         kwargs = {"strategy": "ddp"} if a.devices > 1 else {}
         return L.Trainer(max_epochs=a.epochs, accelerator="cpu", devices=a.devices, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -18,6 +18,7 @@ from lightning_app import (
     build_cli,
     resolve_config,
 )
+from marginboost.errors import ConfigError
 from models import MarginClassifier
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def _orchestrate(run_dir, dm, rounds=2, resume=True, recorders=None):
         return MarginClassifier(num_classes=2, input_shape=(2,), backbone="mlp", backbone_kwargs={"width": 8})
 
     def make_trainer(r, round_dir):
-        cbs = [recorders[r], GradientNormWidth(every_n_epochs=None)] if recorders else []
+        cbs = [recorders[r - 1], GradientNormWidth(every_n_epochs=None)] if recorders else []
         return L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          default_root_dir=str(round_dir), callbacks=cbs)
@@ -75,9 +76,9 @@ def test_orchestrator_feeds_rule_output_into_next_round(tmp_path):
     # round 1 trains with zero gaps
     assert all(torch.equal(g, torch.zeros_like(g)) for _, g in recorders[0].seen)
     # margins of member 1, by hand from its checkpoint, give the round-2 gaps through the rule
-    member1 = MarginClassifier.load_from_checkpoint(tmp_path / "round_0" / "member.ckpt")
+    member1 = MarginClassifier.load_from_checkpoint(tmp_path / "round_1" / "member.ckpt")
     m1 = _margins_by_hand(member1, dm)
-    saved = torch.load(tmp_path / "round_0" / "margins.pt")
+    saved = torch.load(tmp_path / "round_1" / "margins.pt")
     torch.testing.assert_close(saved["member_margins"], m1, atol=1e-5, rtol=0)
     expected = ClippedGapRule(-1.0, 2.0)(saved["member_margins"], 1)
     assert torch.equal(saved["gaps"], expected)
@@ -87,7 +88,7 @@ def test_orchestrator_feeds_rule_output_into_next_round(tmp_path):
     assert torch.equal(gaps, expected[idx])
     # the state after round 2: M is the sum of both members' margins
     state = torch.load(tmp_path / "state.pt", weights_only=True)
-    member2 = MarginClassifier.load_from_checkpoint(tmp_path / "round_1" / "member.ckpt")
+    member2 = MarginClassifier.load_from_checkpoint(tmp_path / "round_2" / "member.ckpt")
     torch.testing.assert_close(state["M"], m1 + _margins_by_hand(member2, dm), atol=1e-5, rtol=0)
     assert torch.equal(dm.gaps, state["gaps"])
     assert [m["seed"] for m in state["members"]] == [3, 4]
@@ -113,18 +114,18 @@ def test_orchestrator_feeds_rule_output_into_next_round(tmp_path):
 
 def test_resume_refuses_other_data_and_existing_run(tmp_path):
     _orchestrate(tmp_path, Toy2DDataModule(num_train=32, num_val=8), rounds=1)
-    with pytest.raises(ValueError, match="different training set"):
+    with pytest.raises(ConfigError, match="data.training_set"):
         _orchestrate(tmp_path, Toy2DDataModule(num_train=32, num_val=8, seed=1), rounds=2)
-    with pytest.raises(ValueError, match="different training set"):
+    with pytest.raises(ConfigError, match="data.training_set.*num_train.*32.*40"):
         _orchestrate(tmp_path, Toy2DDataModule(num_train=40, num_val=8), rounds=2)
-    with pytest.raises(FileExistsError, match="boosting.resume"):
+    with pytest.raises(ConfigError, match="boosting.resume"):
         _orchestrate(tmp_path, Toy2DDataModule(num_train=32, num_val=8), rounds=2, resume=False)
 
 
 def test_bad_boosting_config():
-    with pytest.raises(ValueError, match="boosting.rounds"):
+    with pytest.raises(ConfigError, match="boosting.rounds: 0; allowed"):
         BoostingOrchestrator(rounds=0)
-    with pytest.raises(TypeError, match="boosting.gap_rule"):
+    with pytest.raises(ConfigError, match="boosting.gap_rule"):
         BoostingOrchestrator(gap_rule=lambda m, t: m)
 
 
@@ -140,13 +141,21 @@ def test_cli_boosting_section_is_optional():
 
 @pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    """Killed at the start of round 2's second epoch, the run continues from that round's last.ckpt."""
     _, full = _boost(tmp_path, "full", "--rounds", "3")
-    proc, partial = _boost(tmp_path, "killed", "--rounds", "3", "--kill-round", "1", check=False)
+    proc, partial = _boost(tmp_path, "killed", "--rounds", "3", "--kill-round", "2", check=False)
     assert proc.returncode == 3 and partial["rounds_done"] == 1  # died in round 2, round 1 kept
+    assert (tmp_path / "killed" / "round_2" / "checkpoints" / "last.ckpt").is_file()
     _, resumed = _boost(tmp_path, "killed", "--rounds", "3")
     assert resumed["rounds_done"] == 3
+    # round 2 went on with epoch 1 (epoch 0 was not trained again)
+    epochs = (tmp_path / "killed" / "epochs.txt").read_text().split("\n")
+    assert epochs[:-1] == ["1 0", "1 1", "1 2", "2 0", "2 1", "2 1", "2 2", "3 0", "3 1", "3 2"]
+    assert not (tmp_path / "killed" / "round_2" / "checkpoints" / "last.ckpt").exists()  # dropped once committed
     assert torch.equal(resumed["M"], full["M"]) and torch.equal(resumed["gaps"], full["gaps"])
-    assert [h["boosted_acc"] for h in resumed["history"]] == [h["boosted_acc"] for h in full["history"]]
+    assert all(torch.equal(a, b) for a, b in zip(resumed["val_logits"], full["val_logits"], strict=True))
+    keys = [k for k in full["history"][0] if k.startswith(("boosted_", "deep_", "member_", "disagreement"))]
+    assert [[h[k] for k in keys] for h in resumed["history"]] == [[h[k] for k in keys] for h in full["history"]]
 
 
 @pytest.mark.slow
@@ -157,6 +166,41 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     torch.testing.assert_close(two["M"], one["M"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(two["gaps"], one["gaps"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(two["val_logits"][1], one["val_logits"][1], atol=1e-4, rtol=1e-4)
+    _assert_rescoring_identity(tmp_path, two)
+
+
+def _assert_rescoring_identity(tmp_path, two):
+    """What DDP keeps exactly: M and gaps saved by 2 processes = the same members rescored in one.
+
+    Bit for bit when the one process scores the same per-rank batches (CPU kernels round by batch
+    shape); with the plain one-process loader, equal to float32 rounding.
+    """
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from callbacks import collect_margins
+    from models import margins
+
+    sys.path.insert(0, str(HERE))
+    try:
+        from boost_run import NoBatchStatsClassifier, SequentialToy
+    finally:
+        sys.path.pop(0)
+    dm = SequentialToy(num_train=64, num_val=37, batch_size=8, eval_batch_size=10, seed=0)
+    dataset = dm.train_eval_dataloader(distributed=False).dataset
+    M_shards, M_plain = torch.zeros(64), torch.zeros(64)
+    for member in two["members"]:
+        model = NoBatchStatsClassifier.load_from_checkpoint(tmp_path / "two" / member["checkpoint"]).eval()
+        logits = torch.full((64, 2), float("nan"))
+        with torch.no_grad():
+            for rank in range(2):  # rank r's shard and batches, scored in this one process
+                sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=False)
+                for batch in DataLoader(dataset, batch_size=10, sampler=sampler):
+                    logits[batch["idx"]] = model(batch["x"])
+        M_shards = M_shards + margins(logits, dm.train_targets)
+        M_plain = M_plain + collect_margins(model, dm.train_eval_dataloader(distributed=False), 64)
+    assert torch.equal(M_shards, two["M"])
+    assert torch.equal(ClippedGapRule(-2.0, 3.0)(M_shards, 2), two["gaps"])
+    torch.testing.assert_close(M_plain, two["M"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.slow
@@ -169,8 +213,8 @@ def test_cli_boosting_run_and_ckpt_path_resume(tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     two = json.loads((run_dir / "summary.json").read_text())
-    assert two["rounds_done"] == 2 and (run_dir / "round_1" / "member.ckpt").exists()
-    assert list((run_dir / "round_0").rglob("events.out.tfevents.*"))  # the member's own TensorBoard run
+    assert two["rounds_done"] == 2 and (run_dir / "round_2" / "member.ckpt").exists()
+    assert list((run_dir / "round_1").rglob("events.out.tfevents.*"))  # the member's own TensorBoard run
     more = subprocess.run(base + ["--boosting.rounds=3", "--ckpt_path", str(run_dir)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-3000:]
@@ -183,7 +227,7 @@ def test_resume_refuses_another_gap_rule(tmp_path):
     dm = Toy2DDataModule(num_train=32, num_val=8)
     _orchestrate(tmp_path, dm, rounds=1)
     orch = BoostingOrchestrator(2, MeanGapRule(), tmp_path, seed=3)
-    with pytest.raises(ValueError, match="boosting.gap_rule"):
+    with pytest.raises(ConfigError, match="boosting.gap_rule: .*ClippedGapRule.* -> .*MeanGapRule"):
         orch.run(None, None, dm)
 
 

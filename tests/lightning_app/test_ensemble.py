@@ -19,7 +19,7 @@ def test_ensemble_metrics_by_hand():
     p = (a.double().softmax(1) + b.double().softmax(1)) / 2
     assert m["deep_nll"] == pytest.approx(-p[torch.arange(3), y].log().mean().item())
     assert m["deep_acc"] == pytest.approx(2 / 3)
-    assert m["member_acc_0"] == pytest.approx(2 / 3) and m["member_acc_1"] == pytest.approx(1 / 3)
+    assert m["member_acc_1"] == pytest.approx(2 / 3) and m["member_acc_2"] == pytest.approx(1 / 3)
     assert m["disagreement"] == pytest.approx(1 / 3)  # members differ on object 0 only
     conf, pred = p.max(1)  # ECE = Σ_b |B|/N·|acc_b − conf_b| over 10 equal-width bins
     bins = (conf * 10).ceil().long()

@@ -10,6 +10,7 @@ from lightning_app import (
     NormalizedGapRule,
     TargetGapRule,
 )
+from marginboost.errors import ConfigError
 
 
 def test_gap_rules_by_hand():
@@ -20,8 +21,12 @@ def test_gap_rules_by_hand():
     assert torch.equal(NormalizedGapRule()(M, 2), torch.tensor([2.5, 2.0, 1.5, 0.0]))
     assert torch.equal(TargetGapRule(tau=2.0)(M, 2), torch.tensor([1.5, 1.0, 0.5, 0.0]))
     assert torch.equal(NoGapRule()(M, 3), torch.zeros(4))
-    with pytest.raises(ValueError, match="g_min"):
+    with pytest.raises(ConfigError, match="boosting.gap_rule.g_min: 2.0; allowed"):
         MeanGapRule(g_min=2.0, g_max=1.0)
+    with pytest.raises(ConfigError, match="boosting.gap_rule.g_max: nan"):
+        MeanGapRule(g_max=float("nan"))
+    with pytest.raises(ConfigError, match="boosting.gap_rule.tau: inf"):
+        TargetGapRule(tau=float("inf"))
     with pytest.raises(NotImplementedError):
         GapRule()(M, 1)
     with pytest.raises(ValueError, match="rounds_done"):
