@@ -66,7 +66,6 @@ FREE_DATA_FIELDS = ("num_workers", "pin_memory", "persistent_workers", "data_dir
 # Boosting fields outside the fingerprint: where the run lives, whether to resume, and the number of
 # rounds (raising it extends a run); the gap rule and seed are compared by the orchestrator itself.
 FREE_BOOSTING_FIELDS = ("run_dir", "resume", "rounds", "gap_rule", "seed")
-PROJECT_PACKAGES = ("models", "datamodules", "callbacks", "lightning_app", "marginboost")
 
 
 def result_fingerprint(config) -> dict[str, str]:
@@ -201,8 +200,7 @@ class MarginBoostCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True, cli_class: type[MarginBoostCLI] | None = None,
-              **kwargs) -> MarginBoostCLI:
+def build_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> MarginBoostCLI:
     """The CLI. ``auto_configure_optimizers=False``: the optimizer and LR scheduler exist only as
     ``model.init_args.optimizer`` / ``lr_scheduler`` (one path, honoured by boosting members too)."""
     kwargs.setdefault("trainer_defaults", {
@@ -211,57 +209,31 @@ def build_cli(args: list[str] | None = None, run: bool = True, cli_class: type[M
     })
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     kwargs.setdefault("auto_configure_optimizers", False)
-    return (cli_class or MarginBoostCLI)(MarginClassifier, GapDataModule, subclass_mode_model=True,
-                                         subclass_mode_data=True, args=args, run=run, **kwargs)
+    return MarginBoostCLI(MarginClassifier, GapDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                          args=args, run=run, **kwargs)
 
 
 def user_error(exc: BaseException) -> str | None:
-    """The one-line message of a user's mistake in ``exc`` (or its causes), ``None`` for a bug.
+    """The one-line message of a user's mistake: a ``ConfigError`` in ``exc`` or its causes.
 
-    A ``ConfigError`` anywhere in the chain is one. So is a ``ValueError``/``FileNotFoundError``
-    raised by the project's own constructors while the config is instantiated (jsonargparse wraps
-    those in its own error); their wording is the raising package's.
+    jsonargparse wraps what a constructor raises while the config is instantiated in its own
+    error, with the original as ``__cause__``; anything else is a bug and keeps its traceback.
     """
-    seen, chain = set(), []
+    seen = set()
     while exc is not None and id(exc) not in seen:
+        if isinstance(exc, ConfigError):
+            return str(exc)
         seen.add(id(exc))
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    for e in chain:
-        if isinstance(e, ConfigError):
-            return str(e)
-    for e in reversed(chain):  # the innermost cause first
-        if isinstance(e, (ValueError, FileNotFoundError)) and _raised_in_project(e):
-            return str(e)
+        exc = exc.__cause__
     return None
-
-
-def _raised_in_project(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    last = None
-    while tb is not None:
-        last = tb.tb_frame.f_code.co_filename
-        tb = tb.tb_next
-    if last is None:
-        return False
-    parts = Path(last).resolve().parts
-    return any(part in PROJECT_PACKAGES for part in parts[-3:-1])
 
 
 def main(args: list[str] | None = None) -> None:
     argv = resolve_config_args(list(sys.argv[1:] if args is None else args))
-    instantiating = True
-
-    class _CLI(MarginBoostCLI):  # marks where instantiation ends and the subcommand starts
-        def _run_subcommand(self, subcommand):
-            nonlocal instantiating
-            instantiating = False
-            return super()._run_subcommand(subcommand)
-
     try:
-        build_cli(argv, cli_class=_CLI)
+        build_cli(argv)
     except Exception as exc:
-        message = user_error(exc) if instantiating else (str(exc) if isinstance(exc, ConfigError) else None)
+        message = user_error(exc)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
