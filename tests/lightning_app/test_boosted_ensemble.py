@@ -10,6 +10,7 @@ from lightning_app import (
     EnsemblePredictionWriter,
     brier_score,
     ensemble_metrics,
+    resolve_config,
 )
 from models import MarginClassifier
 
@@ -92,3 +93,19 @@ def test_brier_and_member_metrics_by_hand():
     assert brier_score(torch.tensor([[0.5, 0.5]]), torch.tensor([1])) == pytest.approx(0.5)
     assert m["member_nll_2"] == pytest.approx(torch.nn.functional.cross_entropy(b, y).item(), rel=1e-6)
     assert m["member_acc_1"] == pytest.approx(2 / 3) and "member_acc_0" not in m
+
+
+def test_cli_test_with_ckpt_path_to_the_run_dir(run):
+    """``lightning test --config <boosting config> --ckpt_path RUN_DIR`` evaluates that run."""
+    from lightning_app import build_cli
+
+    run_dir, summary, _ = run
+    cli = build_cli(["test", "--config", resolve_config("digits_boost.yaml"), "--ckpt_path", str(run_dir),
+                     "--data=datamodules.Toy2DDataModule", "--data.init_args.num_train=40",
+                     "--data.init_args.num_val=23", "--data.init_args.eval_batch_size=10",
+                     "--model.init_args.backbone=mlp", "--model.init_args.backbone_kwargs={width: 8}",
+                     "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+    logged = cli.trainer.callback_metrics
+    last = summary["history"][-1]
+    for key in ("boosted_acc", "boosted_nll", "deep_nll", "member_acc_2", "disagreement"):
+        assert logged[f"test/{key}"].item() == torch.tensor(last[key], dtype=torch.float32).item(), key
