@@ -280,7 +280,6 @@ class BoostingOrchestrator:
                               "(it holds state.pt), or another boosting.run_dir")
 
     def _load_or_start(self, fingerprint: dict[str, str], num_train: int) -> dict[str, Any]:
-        self.check_startable()
         if not self.state_path.exists():
             return self._fresh_state(fingerprint, num_train)
         state = load_state(self.run_dir)
