@@ -1,4 +1,4 @@
-"""The ``lightning`` / ``marginboost`` command: a LightningCLI for ``MarginClassifier``.
+"""The ``lightning`` / ``marginboost`` command: a LightningCLI for the project's LightningModules.
 
 ``--config NAME.yaml`` is looked up as a path first, then among the packaged configs.
 """
@@ -8,12 +8,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from datamodules import GapDataModule
-from models import MarginClassifier
 
 from .boosting import BoostingConfig, BoostingOrchestrator
 
@@ -105,7 +105,8 @@ def build_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> Marg
                    "init_args": {"save_dir": "runs", "name": "marginboost"}},
     })
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-    return MarginBoostCLI(MarginClassifier, GapDataModule, subclass_mode_model=True, subclass_mode_data=True,
+    # Any LightningModule (MarginClassifier, HyperNetClassifier, ...) taking num_classes/input_shape.
+    return MarginBoostCLI(L.LightningModule, GapDataModule, subclass_mode_model=True, subclass_mode_data=True,
                           args=args, run=run, **kwargs)
 
 

@@ -87,3 +87,56 @@ __all__ = [
     "select_scale_invariant",
     "unit_norm_copy",
 ]
+
+# Variational networks, hypernetworks with complexity control, pruning (issue 13).
+from .hypernet import (  # noqa: E402
+    HYPERNET_MODES,
+    BinnedAccuracy,
+    HyperNetClassifier,
+    HyperNetwork,
+    LinearHyperNet,
+    LowRankHyperNet,
+    lambda_coordinate,
+    sample_log_lambda,
+)
+from .pruning import (  # noqa: E402
+    count_parameter_updates,
+    plot_pruning_curves,
+    prune_by_relative_density,
+    pruned_mean,
+    pruning_curve,
+    pruning_masks,
+    relative_density,
+    stability,
+)
+from .variational import (  # noqa: E402
+    VariationalModel,
+    VariationalNet,
+    gaussian_kl,
+    negative_evidence,
+    sample_weights,
+)
+
+__all__ += [
+    "HYPERNET_MODES",
+    "BinnedAccuracy",
+    "HyperNetClassifier",
+    "HyperNetwork",
+    "LinearHyperNet",
+    "LowRankHyperNet",
+    "VariationalModel",
+    "VariationalNet",
+    "count_parameter_updates",
+    "gaussian_kl",
+    "lambda_coordinate",
+    "negative_evidence",
+    "plot_pruning_curves",
+    "prune_by_relative_density",
+    "pruned_mean",
+    "pruning_curve",
+    "pruning_masks",
+    "relative_density",
+    "sample_log_lambda",
+    "stability",
+    "sample_weights",
+]
