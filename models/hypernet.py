@@ -428,30 +428,39 @@ class HyperNetClassifier(L.LightningModule):
         ``acc`` and ``nll`` use the mean weights (``mean`` overrides them, e.g. pruned means);
         ``expected_nll`` averages ``mc_samples`` weight samples drawn from a seeded local
         generator (the global RNG is untouched); ``kl`` is ``KL(q_λ‖p)/N`` and
-        ``evidence = −expected_nll − λ·kl`` (per object). The model's mode is restored.
+        ``evidence = −expected_nll − λ·kl`` (per object); ``mc_samples=0`` skips the samples
+        (NaN evidence). The model's mode is restored.
         """
         lam = self.lam if lam is None else lam
         was_training = self.training
         self.eval()
-        try:
-            post_mean, log_var = self.variational_parameters(lam)
-            run_mean = post_mean if mean is None else mean
-            correct = total = 0
-            nll_sum = expected_sum = 0.0
-            for batch_idx, batch in enumerate(loader):
-                x, y = batch["x"].to(self.device), batch["y"].to(self.device)
-                logits = self.target(x, run_mean, log_var, sample=False)
-                correct += int((logits.argmax(-1) == y).sum())
-                total += y.numel()
-                nll_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-                gen = self._sample_generator(batch_idx)
-                for _ in range(mc_samples):
-                    sampled = self.target(x, sample_weights(post_mean, log_var, gen), log_var, sample=False)
-                    expected_sum += float(F.cross_entropy(sampled, y, reduction="sum")) / mc_samples
-            kl = float(self.target.kl(post_mean, log_var)) / self._data_size()
-        finally:
-            self.train(was_training)
-        expected_nll = expected_sum / total
+        # The loader's iterator draws its base seed from the global RNG: fork it, so evaluating
+        # never changes what training draws next.
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            try:
+                return self._evaluate(loader, lam, mean, mc_samples)
+            finally:
+                self.train(was_training)
+
+    def _evaluate(self, loader, lam: float, mean: Mapping[str, Tensor] | None,
+                  mc_samples: int) -> dict[str, float]:
+        post_mean, log_var = self.variational_parameters(lam)
+        run_mean = post_mean if mean is None else mean
+        correct = total = 0
+        nll_sum = expected_sum = 0.0
+        for batch_idx, batch in enumerate(loader):
+            x, y = batch["x"].to(self.device), batch["y"].to(self.device)
+            logits = self.target(x, run_mean, log_var, sample=False)
+            correct += int((logits.argmax(-1) == y).sum())
+            total += y.numel()
+            nll_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+            gen = self._sample_generator(batch_idx)
+            for _ in range(mc_samples):
+                sampled = self.target(x, sample_weights(post_mean, log_var, gen), log_var, sample=False)
+                expected_sum += float(F.cross_entropy(sampled, y, reduction="sum")) / mc_samples
+        kl = float(self.target.kl(post_mean, log_var)) / self._data_size()
+        expected_nll = expected_sum / total if mc_samples > 0 else math.nan  # 0 samples: skipped
         return {"acc": correct / total, "nll": nll_sum / total, "expected_nll": expected_nll,
                 "kl": kl, "evidence": -expected_nll - lam * kl}
 
