@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from marginboost.errors import ConfigError, check_choice, check_int, check_number
+from marginboost.errors import ConfigError, check_bool, check_choice, check_int, check_number
 
 from .backbones import build_backbone
 from .pruning import count_parameter_updates, plot_pruning_curves, pruned_mean, stability
@@ -224,6 +224,9 @@ class HyperNetClassifier(L.LightningModule):
         log_pruning_figure: at the end of fit, sweep pruning on the validation set for every
             ``eval_lambdas`` and add the figure (and stability S at 90%) to TensorBoard.
         eval_seed: seed of the weight samples of the evidence estimate in evaluation.
+        balance_lambdas: optimise ``L(λ)/(1+λ)`` instead of ``L(λ)``: the minimiser at each λ is
+            the same, but every λ of the range pulls on the hypernetwork's shared parameters with
+            a comparable force (``train/loss`` still logs ``L(λ)``).
         optimizer, lr_scheduler: as in ``MarginClassifier`` (default Adam, lr 1e-3).
 
     Logged: ``train/loss``, ``train/nll``, ``train/kl`` (KL/N), ``train/log_lambda``,
@@ -251,6 +254,7 @@ class HyperNetClassifier(L.LightningModule):
         prune_fractions: Sequence[float] = tuple(i / 20 for i in range(21)),
         log_pruning_figure: bool = True,
         eval_seed: int = 0,
+        balance_lambdas: bool = False,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -270,7 +274,8 @@ class HyperNetClassifier(L.LightningModule):
         self.data_size = None if data_size is None else check_int("model.data_size", data_size, low=1)
         self.prune_fractions = [check_number("model.prune_fractions", f, 0.0, 1.0) for f in prune_fractions]
         self.eval_seed = check_int("model.eval_seed", eval_seed, low=0)
-        self.log_pruning_figure = log_pruning_figure
+        self.log_pruning_figure = check_bool("model.log_pruning_figure", log_pruning_figure)
+        self.balance_lambdas = check_bool("model.balance_lambdas", balance_lambdas)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
 
         backbone_kwargs = {"width": 100, "depth": 1} if backbone_kwargs is None else dict(backbone_kwargs)
@@ -314,7 +319,7 @@ class HyperNetClassifier(L.LightningModule):
     def direct_at(self, lam: float) -> HyperNetClassifier:
         """A ``direct``-mode copy whose posterior is ``G(λ)``: evaluate it or fine-tune it at λ."""
         hparams = dict(self.hparams)
-        hparams.update(mode="direct", lam=lam, data_size=self.data_size)
+        hparams.update(mode="direct", lam=lam, data_size=self.data_size, balance_lambdas=False)
         model = HyperNetClassifier(**hparams, optimizer=self.optimizer_factory,
                                    lr_scheduler=self.scheduler_factory)
         with torch.no_grad():
@@ -358,6 +363,9 @@ class HyperNetClassifier(L.LightningModule):
         lam = self.draw_lambda()
         loss, nll, kl, logits = self.objective(x, y, lam)
         n = y.shape[0]
+        # Per-λ minimisers are unchanged by a positive λ-dependent factor; without it the batches
+        # of large λ (loss ~ λ·KL/N) dominate the shared parameters of a hypernetwork.
+        step_loss = loss / (1.0 + lam) if self.balance_lambdas else loss
         log_lambda = math.log10(lam) if lam > 0 else self.log_lambda_range[0]
         self.train_loss.update(loss.detach(), weight=n)
         self.train_nll.update(nll.detach(), weight=n)
@@ -368,7 +376,7 @@ class HyperNetClassifier(L.LightningModule):
                              ("log_lambda", self.train_log_lambda)):
             self.log(f"train/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "loss",
                      batch_size=n)
-        return loss
+        return step_loss
 
     def on_train_epoch_end(self) -> None:
         accs, edges = self.train_binned_acc.compute(), self.train_binned_acc.edges()
@@ -485,7 +493,7 @@ class HyperNetClassifier(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
-        loader = datamodule.val_dataloader()
+        loader = list(datamodule.val_dataloader())  # materialised once: the sweep reads it many times
         lambdas = [self.lam] if self.mode == "direct" else self.eval_lambdas
         self.pruning_results = {lam: self.pruning_sweep(loader, lam) for lam in lambdas}
         logger = self.logger
