@@ -153,3 +153,31 @@ def test_training_counts_parameter_updates_and_fine_tunes_from_g_lambda():
               enable_model_summary=False, limit_val_batches=0).fit(direct, train_dataloaders=_batches())
     assert any(not torch.equal(start[n], m) for n, m in direct.variational_parameters()[0].items())
     assert sum(p.numel() for p in direct.parameters()) == 2 * hyper.num_weights
+
+
+@pytest.mark.slow
+def test_lightning_fit_trains_a_hypernet_and_logs_the_pruning_figure(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lightning_app", "fit", "--config", "digits_hypernet.yaml",
+           "--trainer.max_epochs=2", f"--trainer.logger.init_args.save_dir={tmp_path}",
+           "--trainer.enable_progress_bar=false", "--model.init_args.prune_fractions=[0.0, 0.5, 0.9]"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events[0].parent)).Reload()
+    assert "pruning/accuracy_vs_removed" in acc.Tags()["images"]
+    tags = set(acc.Tags()["scalars"])
+    for lam in ("0.1", "1", "10", "100"):
+        assert {f"val/acc@{lam}", f"val/nll@{lam}", f"val/kl@{lam}", f"val/evidence@{lam}",
+                f"pruning/stability_90@{lam}"} <= tags
+    assert {"train/loss", "train/nll", "train/kl", "train/parameter_updates", "val/acc"} <= tags
+    assert any(t.startswith("train/acc_bin0_loglam_") for t in tags)
+    assert acc.Scalars("val/acc@1")[-1].value > 0.5  # two epochs learn something at λ = 1
