@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -337,6 +338,7 @@ class HyperNetClassifier(L.LightningModule):
             if datamodule is None or not hasattr(datamodule, "num_train"):
                 raise ConfigError("model.data_size", None, "an integer >= 1 when the DataModule has no num_train")
             self.data_size = int(datamodule.num_train)
+            self.hparams["data_size"] = self.data_size  # so a checkpoint evaluates without a DataModule
 
     def draw_lambda(self) -> float:
         """λ of the next training batch: fixed in direct mode, ``10^U(a, b)`` otherwise."""
@@ -493,7 +495,10 @@ class HyperNetClassifier(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None:
             return
-        loader = list(datamodule.val_dataloader())  # materialised once: the sweep reads it many times
+        try:
+            loader = list(datamodule.val_dataloader())  # materialised once: the sweep reads it often
+        except MisconfigurationException:  # a DataModule without validation data: nothing to sweep
+            return
         lambdas = [self.lam] if self.mode == "direct" else self.eval_lambdas
         self.pruning_results = {lam: self.pruning_sweep(loader, lam) for lam in lambdas}
         logger = self.logger

@@ -136,6 +136,24 @@ def test_bad_settings_raise_config_errors(kwargs, message):
         _model(kwargs.pop("mode", "lowrank"), **kwargs)
 
 
+def test_checkpoint_round_trip_evaluates_the_same(tmp_path):
+    hyper = _model("lowrank", data_size=None)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+
+    class _DM(L.LightningDataModule):
+        num_train = 40
+
+        def train_dataloader(self):
+            return _batches(batch_size=8)
+
+    trainer.fit(hyper, datamodule=_DM())
+    assert hyper.data_size == 40
+    trainer.save_checkpoint(tmp_path / "h.ckpt")
+    loaded = HyperNetClassifier.load_from_checkpoint(tmp_path / "h.ckpt")
+    assert loaded.evaluate(_batches(), 2.0) == hyper.evaluate(_batches(), 2.0)
+
+
 def test_training_counts_parameter_updates_and_fine_tunes_from_g_lambda():
     torch.manual_seed(0)
     hyper = _model("lowrank")
