@@ -10,6 +10,9 @@ Where a thing lives:
 * ``parameters``: parameters by regex (the one naming convention), the global norm.
 * ``scale_invariance``: which weights are scale-invariant, and their unit-norm copy.
 * ``curvature``: Hessian-vector products, Rademacher probes, Hutchinson, Hutch++, Lanczos.
+* ``variational``: diagonal Gaussian weights over any network (``VariationalNet``,
+  ``VariationalModel``), the closed-form KL; ``hypernet``: hypernetworks ``G(λ)`` and
+  ``HyperNetClassifier``; ``pruning``: pruning by relative density, stability.
 """
 
 from .backbones import available_backbones, build_backbone, register_backbone
@@ -26,6 +29,16 @@ from .curvature import (
     rademacher_like,
 )
 from .heads import HEAD_INITS, MarginHead, head_weight
+from .hypernet import (
+    HYPERNET_MODES,
+    BinnedAccuracy,
+    HyperNetClassifier,
+    HyperNetwork,
+    LinearHyperNet,
+    LowRankHyperNet,
+    lambda_coordinate,
+    sample_log_lambda,
+)
 from .losses import (
     CRITERIA,
     DiscountedCrossEntropy,
@@ -36,70 +49,7 @@ from .losses import (
 from .manual_step import ManualStepClassifier
 from .parameters import global_norm, match_parameters
 from .penalties import CurvaturePenaltyClassifier, composite_batchnorm
-from .sam import SAMClassifier, riemannian_epsilon, sam_epsilon
-from .scale_invariance import (
-    UnitNormCopy,
-    scale_invariant_parameters,
-    scale_invariant_structure,
-    select_scale_invariant,
-    unit_norm_copy,
-)
-from .state import ModelState, batchnorm_mode, preserved_batchnorm_stats, preserved_state
-
-__all__ = [
-    "CRITERIA",
-    "HEAD_INITS",
-    "CurvaturePenaltyClassifier",
-    "DiscountedCrossEntropy",
-    "HessianOperator",
-    "ManualStepClassifier",
-    "MarginClassifier",
-    "MarginHead",
-    "ModelState",
-    "SAMClassifier",
-    "TraceEstimate",
-    "UnitNormCopy",
-    "available_backbones",
-    "batchnorm_mode",
-    "build_backbone",
-    "composite_batchnorm",
-    "default_optimizer",
-    "discounted_cross_entropy",
-    "global_norm",
-    "head_weight",
-    "hessian_vector_products",
-    "hutchinson",
-    "hutchinson_forms",
-    "hutchpp",
-    "lanczos_top_eigenvalues",
-    "margins",
-    "match_parameters",
-    "preserved_batchnorm_stats",
-    "preserved_state",
-    "rademacher",
-    "rademacher_like",
-    "register_backbone",
-    "resolve_criterion",
-    "riemannian_epsilon",
-    "sam_epsilon",
-    "scale_invariant_parameters",
-    "scale_invariant_structure",
-    "select_scale_invariant",
-    "unit_norm_copy",
-]
-
-# Variational networks, hypernetworks with complexity control, pruning (issue 13).
-from .hypernet import (  # noqa: E402
-    HYPERNET_MODES,
-    BinnedAccuracy,
-    HyperNetClassifier,
-    HyperNetwork,
-    LinearHyperNet,
-    LowRankHyperNet,
-    lambda_coordinate,
-    sample_log_lambda,
-)
-from .pruning import (  # noqa: E402
+from .pruning import (
     count_parameter_updates,
     plot_pruning_curves,
     prune_by_relative_density,
@@ -109,7 +59,16 @@ from .pruning import (  # noqa: E402
     relative_density,
     stability,
 )
-from .variational import (  # noqa: E402
+from .sam import SAMClassifier, riemannian_epsilon, sam_epsilon
+from .scale_invariance import (
+    UnitNormCopy,
+    scale_invariant_parameters,
+    scale_invariant_structure,
+    select_scale_invariant,
+    unit_norm_copy,
+)
+from .state import ModelState, batchnorm_mode, preserved_batchnorm_stats, preserved_state
+from .variational import (
     VariationalModel,
     VariationalNet,
     gaussian_kl,
@@ -117,26 +76,65 @@ from .variational import (  # noqa: E402
     sample_weights,
 )
 
-__all__ += [
+__all__ = [
+    "CRITERIA",
+    "HEAD_INITS",
     "HYPERNET_MODES",
     "BinnedAccuracy",
+    "CurvaturePenaltyClassifier",
+    "DiscountedCrossEntropy",
+    "HessianOperator",
     "HyperNetClassifier",
     "HyperNetwork",
     "LinearHyperNet",
     "LowRankHyperNet",
+    "ManualStepClassifier",
+    "MarginClassifier",
+    "MarginHead",
+    "ModelState",
+    "SAMClassifier",
+    "TraceEstimate",
+    "UnitNormCopy",
     "VariationalModel",
     "VariationalNet",
+    "available_backbones",
+    "batchnorm_mode",
+    "build_backbone",
+    "composite_batchnorm",
     "count_parameter_updates",
+    "default_optimizer",
+    "discounted_cross_entropy",
     "gaussian_kl",
+    "global_norm",
+    "head_weight",
+    "hessian_vector_products",
+    "hutchinson",
+    "hutchinson_forms",
+    "hutchpp",
     "lambda_coordinate",
+    "lanczos_top_eigenvalues",
+    "margins",
+    "match_parameters",
     "negative_evidence",
     "plot_pruning_curves",
+    "preserved_batchnorm_stats",
+    "preserved_state",
     "prune_by_relative_density",
     "pruned_mean",
     "pruning_curve",
     "pruning_masks",
+    "rademacher",
+    "rademacher_like",
+    "register_backbone",
     "relative_density",
+    "resolve_criterion",
+    "riemannian_epsilon",
+    "sam_epsilon",
     "sample_log_lambda",
-    "stability",
     "sample_weights",
+    "scale_invariant_parameters",
+    "scale_invariant_structure",
+    "select_scale_invariant",
+    "stability",
+    "unit_norm_copy",
 ]
