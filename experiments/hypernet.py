@@ -410,6 +410,14 @@ def write(out: Path, meta: dict[str, Any], records: list[dict[str, Any]]) -> Non
 def render(results: Path, out: Path) -> None:
     """The doc, figure and tables again from the per-seed records of an earlier run."""
     stored = json.loads(results.read_text())
+    if isinstance(stored, list):  # hypernet_results.partial.json of a run cut off: records only
+        stored = {"runs": stored, "meta": {
+            "command": f"(cut off; rendered from {results.name}) python experiments/hypernet.py ...",
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores (shared)",
+            "torch": torch.__version__, "lightning": L.__version__, "threads": 1,
+            "wall_minutes": float("nan"),  # not recorded for a run cut off
+            "lr": 3e-3, "batch_size": {"digits": stored[0].get("batch_size", 32), "fashion": 128},
+            "init_log_var": -6.0}}
     out.mkdir(parents=True, exist_ok=True)
     write(out, stored["meta"], stored["runs"])
     log(f"re-rendered {out / 'hypernet.md'} from {results}")
