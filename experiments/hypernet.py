@@ -334,6 +334,17 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             lines.append(f"- Done-when check, {ROWS[kind]}: accuracy at λ = 1 is {d['hypernet_acc_at_1']:.3f} vs "
                          f"{d['direct_acc_at_1']:.3f} for the direct model trained at λ = 1 for the same epochs: "
                          f"difference {d['gap_points']:+.1f} points (direct − hypernet), {verdict} 2 points.")
+            if d["gap_points"] > 2.0:
+                ev = entry["evidence"]
+                better = ev[kind]["1.0"][0] > ev["direct"]["1.0"][0]
+                lines.append(f"  Its generalized evidence at λ = 1 is {cell(ev[kind]['1.0'], 2)} against "
+                             f"{cell(ev['direct']['1.0'], 2)} for the direct model: "
+                             + ("it fits the objective better (a smaller KL, i.e. larger σ and means closer "
+                                "to the prior) and pays for it in mean-weight accuracy; the direct model "
+                                f"has not yet shrunk its KL after {entry['epochs']} epochs."
+                                if better else
+                                f"it is behind on the objective too: {entry['epochs']} epochs are not enough "
+                                "for one network to fit every λ."))
         lines += [""]
     lines += ["## Reading the tables", "",
               "- `λ·KL/N` weighs the prior against `N` objects, so the same λ regularises digits "
