@@ -1,4 +1,4 @@
-"""The ``lightning`` / ``marginboost`` command: a LightningCLI for ``MarginClassifier``.
+"""The ``lightning`` / ``marginboost`` command: a LightningCLI for the project's LightningModules.
 
 ``--config NAME.yaml`` is looked up as a path first, then among the packaged configs.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -15,7 +16,6 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules import GapDataModule
 from marginboost.errors import ConfigError
-from models import MarginClassifier
 
 from .boosted_ensemble import BoostedEnsemble, EnsemblePredictionWriter
 from .boosting import BoostingConfig, BoostingOrchestrator, _check_trainer_trains
@@ -209,7 +209,8 @@ def build_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> Marg
     })
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     kwargs.setdefault("auto_configure_optimizers", False)
-    return MarginBoostCLI(MarginClassifier, GapDataModule, subclass_mode_model=True, subclass_mode_data=True,
+    # Any LightningModule (MarginClassifier, HyperNetClassifier, ...) taking num_classes/input_shape.
+    return MarginBoostCLI(L.LightningModule, GapDataModule, subclass_mode_model=True, subclass_mode_data=True,
                           args=args, run=run, **kwargs)
 
 

@@ -11,6 +11,9 @@ Where a thing lives:
 * ``scale_invariance``: which weights are scale-invariant, and their unit-norm copy.
 * ``curvature``: Hessian-vector products, Rademacher probes, Hutchinson, Hutch++, Lanczos.
 * ``schedulers``: learning-rate schedules over the run's length (``CosineAnnealingRunLR``).
+* ``variational``: diagonal Gaussian weights over any network (``VariationalNet``,
+  ``VariationalModel``), the closed-form KL; ``hypernet``: hypernetworks ``G(λ)`` and
+  ``HyperNetClassifier``; ``pruning``: pruning by relative density, stability.
 """
 
 from .backbones import available_backbones, build_backbone, register_backbone
@@ -27,6 +30,16 @@ from .curvature import (
     rademacher_like,
 )
 from .heads import HEAD_INITS, MarginHead, head_weight
+from .hypernet import (
+    HYPERNET_MODES,
+    BinnedAccuracy,
+    HyperNetClassifier,
+    HyperNetwork,
+    LinearHyperNet,
+    LowRankHyperNet,
+    lambda_coordinate,
+    sample_log_lambda,
+)
 from .losses import (
     CRITERIA,
     DiscountedCrossEntropy,
@@ -37,6 +50,16 @@ from .losses import (
 from .manual_step import ManualStepClassifier
 from .parameters import global_norm, match_parameters
 from .penalties import CurvaturePenaltyClassifier, composite_batchnorm
+from .pruning import (
+    count_parameter_updates,
+    plot_pruning_curves,
+    prune_by_relative_density,
+    pruned_mean,
+    pruning_curve,
+    pruning_masks,
+    relative_density,
+    stability,
+)
 from .sam import SAMClassifier, riemannian_epsilon, sam_epsilon
 from .scale_invariance import (
     UnitNormCopy,
@@ -47,14 +70,27 @@ from .scale_invariance import (
 )
 from .schedulers import CosineAnnealingRunLR
 from .state import ModelState, batchnorm_mode, preserved_batchnorm_stats, preserved_state
+from .variational import (
+    VariationalModel,
+    VariationalNet,
+    gaussian_kl,
+    negative_evidence,
+    sample_weights,
+)
 
 __all__ = [
     "CRITERIA",
     "HEAD_INITS",
     "CosineAnnealingRunLR",
+    "HYPERNET_MODES",
+    "BinnedAccuracy",
     "CurvaturePenaltyClassifier",
     "DiscountedCrossEntropy",
     "HessianOperator",
+    "HyperNetClassifier",
+    "HyperNetwork",
+    "LinearHyperNet",
+    "LowRankHyperNet",
     "ManualStepClassifier",
     "MarginClassifier",
     "MarginHead",
@@ -62,31 +98,46 @@ __all__ = [
     "SAMClassifier",
     "TraceEstimate",
     "UnitNormCopy",
+    "VariationalModel",
+    "VariationalNet",
     "available_backbones",
     "batchnorm_mode",
     "build_backbone",
     "composite_batchnorm",
+    "count_parameter_updates",
     "default_optimizer",
     "discounted_cross_entropy",
+    "gaussian_kl",
     "global_norm",
     "head_weight",
     "hessian_vector_products",
     "hutchinson",
     "hutchinson_forms",
     "hutchpp",
+    "lambda_coordinate",
     "lanczos_top_eigenvalues",
     "margins",
     "match_parameters",
+    "negative_evidence",
+    "plot_pruning_curves",
     "preserved_batchnorm_stats",
     "preserved_state",
+    "prune_by_relative_density",
+    "pruned_mean",
+    "pruning_curve",
+    "pruning_masks",
     "rademacher",
     "rademacher_like",
     "register_backbone",
+    "relative_density",
     "resolve_criterion",
     "riemannian_epsilon",
     "sam_epsilon",
+    "sample_log_lambda",
+    "sample_weights",
     "scale_invariant_parameters",
     "scale_invariant_structure",
     "select_scale_invariant",
+    "stability",
     "unit_norm_copy",
 ]

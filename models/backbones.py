@@ -159,3 +159,22 @@ def mlp(input_shape: Sequence[int], width: int = 256, depth: int = 2) -> nn.Modu
     net = nn.Sequential(*layers)
     net.out_features = cin
     return net
+
+
+@register_backbone("relu_mlp")
+def relu_mlp(input_shape: Sequence[int], width: int = 100, depth: int = 1) -> nn.Module:
+    """Flatten, then ``depth`` Linear(with bias)-ReLU layers of ``width`` units; no BatchNorm.
+
+    With a linear output layer on top this is the classic ``784→100→10`` MLP. It has no buffers,
+    so every one of its weights can be made variational (see ``models.VariationalNet``).
+    """
+    layers: list[nn.Module] = [nn.Flatten()]
+    cin = 1
+    for s in input_shape:
+        cin *= s
+    for _ in range(depth):
+        layers += [nn.Linear(cin, width), nn.ReLU()]
+        cin = width
+    net = nn.Sequential(*layers)
+    net.out_features = cin
+    return net
