@@ -34,11 +34,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from callbacks import SharpnessCallback, margin_summary
-from marginboost import collect_logits, comm_device, is_distributed
+from marginboost import ConfigError, collect_logits, comm_device, is_distributed
 from models import margins
 
 from .ensemble import ensemble_metrics
-from .gap_rules import GapRule, MeanGapRule
+from .gap_rules import GapRule, MeanGapRule, NoGapRule
 
 STATE_FILE = "state.pt"
 SUMMARY_FILE = "summary.json"
@@ -221,6 +221,8 @@ class BoostingOrchestrator:
             display.start(r, seed)
             L.seed_everything(seed, workers=True, verbose=False)
             model = model_factory(r, seed)
+            if r == state["rounds_done"]:
+                self._check_head_takes_gaps(model)
             round_dir = self.run_dir / f"round_{r}"
             trainer = trainer_factory(r, round_dir)
             started = time.perf_counter()
@@ -254,6 +256,15 @@ class BoostingOrchestrator:
             self._write(state, m, ensemble_m)
             display.end(state["history"])
         return self.summary(state)
+
+    def _check_head_takes_gaps(self, model: L.LightningModule) -> None:
+        """Before any training: a head that refuses gaps (``linear``) only boosts with ``NoGapRule``."""
+        head = getattr(model, "head", None)
+        if getattr(head, "accepts_gap", True) or isinstance(self.gap_rule, NoGapRule):
+            return
+        raise ConfigError("boosting.gap_rule", f"{self.gap_rule!r} with model.head {head.name!r}",
+                          "NoGapRule for this head (it has no fixed logit scale), or a head that takes "
+                          "gaps: margin, l2_softmax, cosface, arcface", describe=True)
 
     def _score(self, model: L.LightningModule, trainer: L.Trainer, datamodule, num_train: int):
         """Training-set and validation logits of the finished member, on the training device."""

@@ -25,7 +25,18 @@ from .curvature import (
     rademacher,
     rademacher_like,
 )
-from .heads import HEAD_INITS, MarginHead, head_weight
+from .heads import (
+    HEAD_INITS,
+    HEADS,
+    ArcFaceHead,
+    CosFaceHead,
+    Head,
+    L2SoftmaxHead,
+    LinearHead,
+    MarginHead,
+    build_head,
+    head_weight,
+)
 from .losses import (
     CRITERIA,
     DiscountedCrossEntropy,
@@ -48,7 +59,13 @@ from .state import ModelState, batchnorm_mode, preserved_batchnorm_stats, preser
 
 __all__ = [
     "CRITERIA",
+    "HEADS",
     "HEAD_INITS",
+    "ArcFaceHead",
+    "CosFaceHead",
+    "Head",
+    "L2SoftmaxHead",
+    "LinearHead",
     "CurvaturePenaltyClassifier",
     "DiscountedCrossEntropy",
     "HessianOperator",
@@ -62,6 +79,7 @@ __all__ = [
     "available_backbones",
     "batchnorm_mode",
     "build_backbone",
+    "build_head",
     "composite_batchnorm",
     "default_optimizer",
     "discounted_cross_entropy",
