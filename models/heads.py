@@ -117,7 +117,9 @@ class Head(nn.Module):
             target: ``[N]`` class indices.
             gap: a float or ``[N]`` per-object gaps in logit units.
         """
-        if not self.accepts_gap and not _is_zero(gap):
+        if not self.accepts_gap and not torch.is_tensor(gap) and gap != 0:
+            # a float is checked here; a batch's gap tensor was checked once at fit start
+            # (:meth:`check_gaps`), since reading it back every step would sync the device
             self.check_gaps(torch.as_tensor(gap))
         own = self.margin_gap(logits, target)
         total = gap if _is_zero(own) else own + gap
