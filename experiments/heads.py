@@ -231,15 +231,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--digits-epochs", type=int, default=15)
-    parser.add_argument("--fashion-epochs", type=int, default=4)
-    parser.add_argument("--fashion-train", type=int, default=6000, help="class-balanced training subset")
+    parser.add_argument("--fashion-epochs", type=int, default=3)
+    parser.add_argument("--fashion-train", type=int, default=3000, help="class-balanced training subset")
     parser.add_argument("--gap", type=float, default=2.0, help="the discounted loss's fixed gap (logit units)")
-    parser.add_argument("--probes", type=int, default=16, help="Hutchinson probes for the Hessian trace")
+    parser.add_argument("--probes", type=int, default=8, help="Hutchinson probes for the Hessian trace")
     parser.add_argument("--measure-objects", type=int, default=256, help="training objects for trace and width")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--figure", type=Path, default=REPO / "docs" / "heads_margins.png")
     parser.add_argument("--records", type=Path, default=REPO / "docs" / "heads_runs.json")
+    parser.add_argument("--raw", type=Path, default=REPO / "runs" / "heads" / "results.pt",
+                        help="everything measured, margins included (re-read by --report-only)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the section, figure and records from --raw without training")
     args = parser.parse_args(argv)
+    command = "python experiments/heads.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.report_only:
+        saved = torch.load(args.raw, weights_only=False)
+        return report(saved["args"], saved["results"], saved["settings"], saved["wall"], saved["command"])
     torch.set_num_threads(1)
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -266,12 +274,20 @@ def main(argv: list[str] | None = None) -> None:
                       f"ece {r['test_ece']:.3f} trace {r['hessian_trace']:.1f} width {r['width']:.3f} "
                       f"fit {r['fit_s']:.1f}s", flush=True)
     wall = time.perf_counter() - started
+    args.raw.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"args": args, "results": results, "settings": settings, "wall": wall, "command": command},
+               args.raw)
+    report(args, results, settings, wall, command)
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict[str, Any]]], settings: dict[str, str],
+           wall: float, command: str) -> None:
+    """The figure, the per-run records and the section of ``docs/results.md``."""
     for path in (args.results, args.figure, args.records):
         path.parent.mkdir(parents=True, exist_ok=True)
     margin_figure(results, args.figure)
     args.records.write_text(json.dumps({d: [{k: v for k, v in r.items() if k != "normalised_margins"} for r in rs]
                                         for d, rs in results.items()}, indent=1))
-    command = "python experiments/heads.py " + " ".join(sys.argv[1:] if argv is None else argv)
     body = [
         "## Heads: the discounted loss against plain CE, L2-softmax, CosFace and ArcFace",
         "",
