@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--digits-epochs", type=int, default=15)
-    parser.add_argument("--fashion-epochs", type=int, default=3)
-    parser.add_argument("--fashion-train", type=int, default=3000, help="class-balanced training subset")
+    parser.add_argument("--fashion-epochs", type=int, default=5)
+    parser.add_argument("--fashion-train", type=int, default=6000, help="class-balanced training subset")
     parser.add_argument("--gap", type=float, default=2.0, help="the discounted loss's fixed gap (logit units)")
     parser.add_argument("--probes", type=int, default=8, help="Hutchinson probes for the Hessian trace")
     parser.add_argument("--measure-objects", type=int, default=256, help="training objects for trace and width")
@@ -261,8 +261,8 @@ def main(argv: list[str] | None = None) -> None:
             settings[dataset] = (f"scikit-learn digits, {epochs} epochs, batch 64, 1438 training / 359 test "
                                  "objects (digits has no separate test split: the held-out split)")
         else:
-            dm, epochs = fashion_datamodule(args.fashion_train, 128), args.fashion_epochs
-            settings[dataset] = (f"Fashion-MNIST, {epochs} epochs, batch 128, a class-balanced subset of "
+            dm, epochs = fashion_datamodule(args.fashion_train, 64), args.fashion_epochs
+            settings[dataset] = (f"Fashion-MNIST, {epochs} epochs, batch 64, a class-balanced subset of "
                                  f"{args.fashion_train} training objects, the official 10 000 test objects")
         dm.setup("fit")
         runs = results[dataset] = []
