@@ -137,8 +137,9 @@ class MarginClassifier(L.LightningModule):
         logits = self(batch["x"])
         return self.head.loss(logits, batch["y"], batch.get("gap", 0.0)), logits
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
         # A head that refuses gaps (``linear``) says so before the first step, not mid-training.
+        # (on_train_start, not on_fit_start: the manual-step subclasses override the latter.)
         gaps = getattr(getattr(self.trainer, "datamodule", None), "gaps", None)
         if torch.is_tensor(gaps):
             self.head.check_gaps(gaps)

@@ -118,7 +118,7 @@ class Head(nn.Module):
             gap: a float or ``[N]`` per-object gaps in logit units.
         """
         if not self.accepts_gap and not torch.is_tensor(gap) and gap != 0:
-            # a float is checked here; a batch's gap tensor was checked once at fit start
+            # a float is checked here; a batch's gap tensor was checked once before training
             # (:meth:`check_gaps`), since reading it back every step would sync the device
             self.check_gaps(torch.as_tensor(gap))
         own = self.margin_gap(logits, target)

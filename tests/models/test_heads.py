@@ -216,7 +216,8 @@ def test_bad_head_config_raises_config_error():
         make(head="l2_softmax", head_kwargs={"learn_alpha": "yes"})
 
 
-def test_linear_head_refuses_gaps_before_training():
+@pytest.mark.parametrize("cls_name", ["MarginClassifier", "SAMClassifier"])
+def test_linear_head_refuses_gaps_before_training(cls_name):
     head = LinearHead(4, 3)
     with pytest.raises(ConfigError, match=r"^model.head: 'linear' with non-zero gaps; allowed:"):
         head.loss(torch.randn(2, 3), torch.tensor([0, 1]), 0.5)
@@ -224,8 +225,10 @@ def test_linear_head_refuses_gaps_before_training():
     dm = DigitsDataModule(batch_size=64)
     dm.setup("fit")
     dm.set_gaps(torch.full((dm.num_train,), 0.5))
-    model = MarginClassifier(num_classes=10, input_shape=(1, 8, 8), backbone="mlp", backbone_kwargs={"width": 8},
-                             head="linear")
+    import models
+
+    model = getattr(models, cls_name)(num_classes=10, input_shape=(1, 8, 8), backbone="mlp",
+                                      backbone_kwargs={"width": 8}, head="linear")
     before = [p.detach().clone() for p in model.parameters()]
     trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
