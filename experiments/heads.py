@@ -51,7 +51,6 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from callbacks import (  # noqa: E402
-    collect_logits,
     collect_margins,
     gradient_norm_width,
     hessian_trace,
@@ -59,6 +58,7 @@ from callbacks import (  # noqa: E402
 )
 from datamodules import DigitsDataModule, GapDataModule, Split  # noqa: E402
 from lightning_app.ensemble import ensemble_metrics  # noqa: E402
+from marginboost import collect_logits  # noqa: E402
 from models import MarginClassifier  # noqa: E402
 
 BEGIN, END = "<!-- heads:begin -->", "<!-- heads:end -->"
