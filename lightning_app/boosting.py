@@ -44,7 +44,7 @@ from marginboost.errors import ConfigError, check_bool, check_int
 from models import margins
 
 from .ensemble import ensemble_metrics
-from .gap_rules import GapRule, MeanGapRule
+from .gap_rules import GapRule, MeanGapRule, NoGapRule
 from .run_dir import (
     MEMBER_FILE,
     STATE_FILE,
@@ -324,6 +324,7 @@ class BoostingOrchestrator:
             display.start(t, seed)
             L.seed_everything(seed, workers=True, verbose=False)
             model = model_factory(t, seed)
+            self._check_head_takes_gaps(model)
             rdir = round_dir(self.run_dir, t)
             trainer = trainer_factory(t, rdir)
             _check_trainer_trains(trainer)
@@ -363,6 +364,15 @@ class BoostingOrchestrator:
             self._publish(state, targets)
             display.end(state["history"])
         return self.summary(state)
+
+    def _check_head_takes_gaps(self, model: L.LightningModule) -> None:
+        """Before any training: a head that refuses gaps (``linear``) only boosts with ``NoGapRule``."""
+        head = getattr(model, "head", None)
+        if getattr(head, "accepts_gap", True) or isinstance(self.gap_rule, NoGapRule):
+            return
+        raise ConfigError("boosting.gap_rule", f"{self.gap_rule!r} with model.head {head.name!r}",
+                          "NoGapRule for this head (it has no fixed logit scale), or a head that takes "
+                          "gaps: margin, l2_softmax, cosface, arcface", describe=True)
 
     def _score(self, model: L.LightningModule, trainer: L.Trainer, datamodule, num_train: int):
         """Training-set and validation logits of the finished member, on the training device."""

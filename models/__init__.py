@@ -29,7 +29,18 @@ from .curvature import (
     rademacher,
     rademacher_like,
 )
-from .heads import HEAD_INITS, MarginHead, head_weight
+from .heads import (
+    HEAD_INITS,
+    HEADS,
+    ArcFaceHead,
+    CosFaceHead,
+    Head,
+    L2SoftmaxHead,
+    LinearHead,
+    MarginHead,
+    build_head,
+    head_weight,
+)
 from .hypernet import (
     HYPERNET_MODES,
     BinnedAccuracy,
@@ -80,10 +91,16 @@ from .variational import (
 
 __all__ = [
     "CRITERIA",
+    "HEADS",
     "HEAD_INITS",
     "CosineAnnealingRunLR",
     "HYPERNET_MODES",
     "BinnedAccuracy",
+    "ArcFaceHead",
+    "CosFaceHead",
+    "Head",
+    "L2SoftmaxHead",
+    "LinearHead",
     "CurvaturePenaltyClassifier",
     "DiscountedCrossEntropy",
     "HessianOperator",
@@ -103,6 +120,7 @@ __all__ = [
     "available_backbones",
     "batchnorm_mode",
     "build_backbone",
+    "build_head",
     "composite_batchnorm",
     "count_parameter_updates",
     "default_optimizer",

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from marginboost.errors import ConfigError, check_bool, check_choice, check_int, check_number
 
 from .backbones import build_backbone
-from .heads import MarginHead
+from .heads import build_head
 from .losses import discounted_cross_entropy, margins
 
 SCHEDULER_INTERVALS = ("epoch", "step")
@@ -37,9 +37,14 @@ class MarginClassifier(L.LightningModule):
         backbone: a registered name (``resnet18``, ``resnet20``, ``small_cnn``, ``mlp``) or the
             import path of an ``nn.Module`` class.
         backbone_kwargs: keyword arguments for the backbone builder (e.g. ``width``).
+        head: ``margin`` (``W ∘ BN``, the discounted loss; default), ``linear`` (plain CE),
+            ``l2_softmax``, ``cosface`` or ``arcface`` (see :mod:`models.heads`).
+        head_kwargs: the head's own arguments (``l2_softmax``: ``alpha``, ``learn_alpha``,
+            ``bias``; ``cosface``/``arcface``: ``s``, ``m``; ``linear``: ``bias``).
         head_init: ``orthogonal``, ``kaiming`` or ``simplex_etf``.
         head_scale: multiplies the head matrix (the logit scale).
-        freeze_head: keep ``W`` fixed (default); ``False`` for ablations.
+        freeze_head: keep ``W`` fixed; ``None`` (default) takes the head's default: frozen for
+            ``margin``, trainable for the others.
         head_seed: seed of the head initialisation; ``None`` draws from the global RNG.
         optimizer: a callable ``params -> Optimizer`` (``class_path``/``init_args`` in YAML).
         lr_scheduler: optional callable ``optimizer -> LRScheduler``.
@@ -57,9 +62,11 @@ class MarginClassifier(L.LightningModule):
         input_shape: Sequence[int] = (3, 32, 32),
         backbone: str = "resnet18",
         backbone_kwargs: dict[str, Any] | None = None,
+        head: str = "margin",
+        head_kwargs: dict[str, Any] | None = None,
         head_init: str = "orthogonal",
         head_scale: float = 1.0,
-        freeze_head: bool = True,
+        freeze_head: bool | None = None,
         head_seed: int | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -70,12 +77,13 @@ class MarginClassifier(L.LightningModule):
         super().__init__()
         check_int("model.num_classes", num_classes, low=2)
         check_choice("model.scheduler_interval", scheduler_interval, SCHEDULER_INTERVALS)
-        check_bool("model.freeze_head", freeze_head)
+        if freeze_head is not None:  # None: the head's default
+            check_bool("model.freeze_head", freeze_head)
         check_number("model.head_scale", head_scale, low=0.0, low_open=True)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.backbone = build_backbone(backbone, input_shape, **(backbone_kwargs or {}))
-        self.head = MarginHead(self.backbone.out_features, num_classes, head_init, head_scale,
-                               frozen=freeze_head, seed=head_seed)
+        self.head = build_head(head, self.backbone.out_features, num_classes, init=head_init,
+                               scale=head_scale, frozen=freeze_head, seed=head_seed, **(head_kwargs or {}))
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.scheduler_interval = scheduler_interval
@@ -125,9 +133,16 @@ class MarginClassifier(L.LightningModule):
         return 2.0 / w.shape[0] * w.detach().abs().sum()
 
     def loss_and_logits(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """The training criterion (discounted CE with the batch's gaps) and the logits."""
+        """The training criterion (the head's loss with the batch's gaps) and the logits."""
         logits = self(batch["x"])
-        return discounted_cross_entropy(logits, batch["y"], batch.get("gap", 0.0)), logits
+        return self.head.loss(logits, batch["y"], batch.get("gap", 0.0)), logits
+
+    def on_train_start(self) -> None:
+        # A head that refuses gaps (``linear``) says so before the first step, not mid-training.
+        # (on_train_start, not on_fit_start: the manual-step subclasses override the latter.)
+        gaps = getattr(getattr(self.trainer, "datamodule", None), "gaps", None)
+        if torch.is_tensor(gaps):
+            self.head.check_gaps(gaps)
 
     def log_train_metrics(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
         """Accumulate loss, accuracy and mean margin; synchronised once per epoch."""
