@@ -19,39 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lightning  # noqa: E402
 import torch  # noqa: E402
+from timing import timed_interleaved  # noqa: E402
 
 from callbacks import GradientNormWidth, HessianEigenvalues, HessianTrace, PerSampleMargins  # noqa: E402
 from datamodules import DigitsDataModule  # noqa: E402
 from models import MarginClassifier  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed_interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
-    """Median wall time of each function; rounds interleave all of them, so a change in machine
-    load hits baseline and callbacks alike and the ratios stay meaningful."""
-    for fn in fns.values():
-        fn()  # warm-up: allocator, kernels, caches, scale-invariance detection
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -115,7 +93,7 @@ def main() -> None:
     }
     fns = {"epoch": epoch, "epoch_compute": epoch_compute, "inference": inference}
     fns.update({name: (lambda cb=cb: cb.measure_now(None, model, datamodule=dm)) for name, cb in cbs.items()})
-    times = _timed_interleaved(fns, device, a.repeats)
+    times = timed_interleaved(fns, device, a.repeats)
     t_epoch, t_infer = times.pop("epoch"), times.pop("inference")
     t_step, t_step_compute = t_epoch / num_steps, times.pop("epoch_compute") / num_steps
     n_params = sum(q.numel() for q in model.parameters() if q.requires_grad)

@@ -23,34 +23,15 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from timing import timed_interleaved  # noqa: E402
 
 from callbacks import hessian_top_eigenvalues, hessian_trace  # noqa: E402
 from models import MarginClassifier  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fns: dict, device: torch.device, repeats: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _problem(args, device):
@@ -121,7 +102,7 @@ def main() -> None:
         h = PyHessian(model, torch.nn.CrossEntropyLoss(), data=(x, y), cuda=device.type == "cuda")
         results["theirs_eig"] = h.eigenvalues(maxIter=args.iters, tol=-1.0, top_n=1)
 
-    t = _timed({"ours_trace": ours_trace, "theirs_trace": theirs_trace, "ours_eig": ours_eig,
+    t = timed_interleaved({"ours_trace": ours_trace, "theirs_trace": theirs_trace, "ours_eig": ours_eig,
                 "theirs_eig": theirs_eig}, device, args.repeats)
     ours, theirs = results["ours_trace"], results["theirs_trace"]
     theirs_mean = statistics.fmean(theirs)
