@@ -43,8 +43,7 @@ class HessianOperator:
     ``backend="func"``: forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``),
     ``vmap``-ed over a block of vectors in chunks of ``chunk_size``. ``"double_backward"``: the
     gradient graph of a batch is built once (``create_graph=True``) and differentiated again for
-    the whole block of vectors in one batched call (``is_grads_batched``; one vector at a time
-    where a model's ops cannot be batched). ``"auto"`` (default): double backward whenever the
+    each vector of the block. ``"auto"`` (default): double backward whenever the
     graphs are reused, for a single vector, when BN is in train mode, or when a model does not go
     through ``torch.func`` (with a warning); ``func`` for blocks otherwise.
 
@@ -99,7 +98,6 @@ class HessianOperator:
         self.reuse_graph = reuse_graph
         # (batch size, parameter leaves, gradients with their graph) per batch, when reused
         self._graphs: list[tuple[int, list[Tensor], tuple[Tensor | None, ...]]] | None = None
-        self._batched_backward = True  # cleared when a model's ops cannot be vmapped
 
     # -- layout ----------------------------------------------------------------------------
     def slices(self, group: str = "module") -> dict[str, slice]:
@@ -149,17 +147,8 @@ class HessianOperator:
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         if not live:  # the loss is at most linear in the parameters
             return out
-        if k > 1 and self._batched_backward:
-            try:
-                hv = torch.autograd.grad([grads[i] for i in live], leaves,
-                                         grad_outputs=[tangents[self.names[i]] for i in live],
-                                         retain_graph=True, is_grads_batched=True, allow_unused=True)
-            except (RuntimeError, NotImplementedError) as err:
-                warnings.warn(f"HessianOperator: batched double backward failed ({err}); one vector at a time",
-                              stacklevel=4)
-                self._batched_backward = False
-            else:
-                return {n: h if h is not None else out[n] for n, h in zip(self.names, hv)}
+        # One vector at a time: on the CPU a vmap-batched double backward (``is_grads_batched``)
+        # measured 1.1-1.2x slower than this loop (bench/bench_hessian.py, chunks of 4 to 16).
         vectors = [[tangents[n][i] for n in self.names] for i in range(k)]
         for i, hv in enumerate(hessian_vector_products(grads, leaves, vectors, retain_graph=retain)):
             for n, h in zip(self.names, hv):

@@ -95,9 +95,11 @@ def test_brier_and_member_metrics_by_hand():
     assert m["member_acc_1"] == pytest.approx(2 / 3) and "member_acc_0" not in m
 
 
-def test_cli_test_with_ckpt_path_to_the_run_dir(run):
+def test_cli_test_with_ckpt_path_to_the_run_dir(run, tmp_path, monkeypatch):
     """``lightning test --config <boosting config> --ckpt_path RUN_DIR`` evaluates that run."""
     from lightning_app import build_cli
+
+    monkeypatch.chdir(tmp_path)  # the CLI saves its config.yaml in the working directory
 
     run_dir, summary, _ = run
     cli = build_cli(["test", "--config", resolve_config("digits_boost.yaml"), "--ckpt_path", str(run_dir),
