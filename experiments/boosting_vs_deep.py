@@ -213,7 +213,7 @@ def train(args) -> None:
     timing_path = Path(args.out) / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     for seed in args.seeds:  # seeds outermost: a run cut short still has whole seeds
-        for method in methods_of(args):
+        for method in [m for m in methods_of(args) if not args.only or m in args.only]:
             started = time.perf_counter()
             run_method(args, dm, method, seed, Path(args.out) / method / f"seed_{seed}")
             timing.setdefault(f"{method}/seed_{seed}", round(time.perf_counter() - started, 1))
@@ -479,6 +479,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rules", nargs="+", choices=tuple(RULES), default=list(RULES))
     p.add_argument("--single-rounds", type=int, nargs="+", default=[2, 3, 4, 5],
                    help="T values for which a single model of T·E epochs is trained (T = 1: deep's member 1)")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="train only these methods (e.g. to split one seed over processes)")
     p.add_argument("--g-max", type=float, default=4.0, help="upper clip of the clipped rule")
     p.add_argument("--tau", type=float, default=1.0, help="target margin of the target rule")
     p.add_argument("--train-size", type=int, default=10000, help="training subset (0: all not held out)")
