@@ -380,8 +380,9 @@ def report(args, command: str) -> str:
         "the previous one, mean softmax); single model trained T·E epochs for T in "
         f"{sorted({1, *args.single_rounds})} (T = 1 is the deep ensemble's first member). Member seeds: `member_seed(run_seed, t − 1)`; round 1 of every ensemble is the same model.",
         f"- Machine: {platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, 1 torch thread; "
-        f"torch {torch.__version__}, lightning {L.__version__}. Wall time of the training: "
-        f"{extra['wall'] / 60:.1f} min for these seeds ({extra['fit'] / 60:.1f} min inside `Trainer.fit`).",
+        f"torch {torch.__version__}, lightning {L.__version__}. Sum of the runs' wall times: "
+        f"{extra['wall'] / 60:.1f} min ({extra['fit'] / 60:.1f} min inside `Trainer.fit`); runs may be "
+        "split over concurrent processes (`--only`), so the elapsed time can be shorter.",
         "", f"![accuracy and NLL vs T]({os.path.relpath(figure, Path(args.docs).parent)})", "",
         "### Test accuracy, NLL, ECE, disagreement (mean ± std over seeds)", "",
         "Boosted ensembles predict with the sum of member logits (NLL/ECE of the softmax of that sum); deep and "

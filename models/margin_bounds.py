@@ -59,8 +59,8 @@ def project_bn_feasible(means: Tensor, freq: Tensor) -> Tensor:
     return centred / second.clamp_min(1.0)
 
 
-def max_bn_mean_margin(weight: Tensor, class_freq: Tensor | None = None, steps: int = 2000,
-                       lr: float = 0.5) -> tuple[float, Tensor]:
+def max_bn_mean_margin(weight: Tensor, class_freq: Tensor | None = None, steps: int = 1000,
+                       lr: float = 2.0) -> tuple[float, Tensor]:
     r"""The largest mean margin reachable with head ``W`` and BN-normalised features.
 
     Projected subgradient ascent on :math:`\sum_c p_c m_c(μ_c)` over feasible class means (see
