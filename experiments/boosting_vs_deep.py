@@ -61,6 +61,7 @@ from lightning_app import (  # noqa: E402
     TargetGapRule,
     warm_start,
 )
+from lightning_app.run_dir import round_dir  # noqa: E402
 from models import MarginClassifier  # noqa: E402
 
 BEGIN, END = "<!-- boosting-vs-deep:begin -->", "<!-- boosting-vs-deep:end -->"
@@ -134,7 +135,7 @@ def make_datamodule(args) -> HeldOutSubset:
 
 
 def model_factory(args, dm: HeldOutSubset, epochs: int):
-    def make(round_index: int, seed: int) -> MarginClassifier:
+    def make(t: int, seed: int) -> MarginClassifier:
         return MarginClassifier(
             num_classes=dm.num_classes, input_shape=dm.input_shape, backbone=args.backbone,
             backbone_kwargs={"width": args.width}, head_init="orthogonal", freeze_head=True,
@@ -145,10 +146,10 @@ def model_factory(args, dm: HeldOutSubset, epochs: int):
 
 
 def trainer_factory(args, epochs: int):
-    def make(round_index: int, round_dir: Path) -> L.Trainer:
+    def make(t: int, rdir: Path) -> L.Trainer:
         return L.Trainer(max_epochs=epochs, accelerator=args.accelerator, devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(round_dir),
+                         limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(rdir),
                          precision=args.precision)
     return make
 
@@ -183,14 +184,14 @@ def run_method(args, dm: HeldOutSubset, method: str, seed: int, run_dir: Path) -
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     test, hold, members = [], [], []
     for member in orch.state["members"]:
-        model = MarginClassifier.load_from_checkpoint(member["checkpoint"], map_location="cpu")
+        model = MarginClassifier.load_from_checkpoint(run_dir / member["checkpoint"], map_location="cpu")
         t_logits, y_test = logits_of(model, dm.test_dataloader(), device)
         h_logits, y_hold = logits_of(model, dm.holdout_dataloader(), device)
         test.append(t_logits)
         hold.append(h_logits)
         members.append(member["seed"])
-    gaps = [torch.load(run_dir / f"round_{r}" / "margins.pt", weights_only=True)["gaps"]
-            for r in range(rounds)]
+    gaps = [torch.load(round_dir(run_dir, t) / "margins.pt", weights_only=True)["gaps"]
+            for t in range(1, rounds + 1)]
     result = {"test": torch.stack(test), "y_test": y_test, "holdout": torch.stack(hold), "y_holdout": y_hold,
               "member_seeds": torch.tensor(members, dtype=torch.int64),
               "fit_seconds": torch.tensor([h["fit_seconds"] for h in summary["history"]]),
@@ -378,7 +379,7 @@ def report(args, command: str) -> str:
         f"{', '.join(args.rules)} (clipped: [0, {args.g_max}], target: τ = {args.tau}); deep ensemble "
         "(`NoGapRule`, mean softmax); snapshot ensemble (one cosine cycle per member, each warm-started from "
         "the previous one, mean softmax); single model trained T·E epochs for T in "
-        f"{sorted({1, *args.single_rounds})} (T = 1 is the deep ensemble's first member). Member seeds: `member_seed(run_seed, t − 1)`; round 1 of every ensemble is the same model.",
+        f"{sorted({1, *args.single_rounds})} (T = 1 is the deep ensemble's first member). Member seeds: `member_seed(run_seed, t)`; round 1 of every ensemble is the same model.",
         f"- Machine: {platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, 1 torch thread; "
         f"torch {torch.__version__}, lightning {L.__version__}. Sum of the runs' wall times: "
         f"{extra['wall'] / 60:.1f} min ({extra['fit'] / 60:.1f} min inside `Trainer.fit`); runs may be "

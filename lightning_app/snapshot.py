@@ -11,8 +11,8 @@ members 2..T starting from the weights of the member before them::
 
 The optimizer state (momentum) starts afresh with each cycle; the weights, BN statistics and the
 frozen head carry over. Resume and DDP behave as for any run: the previous member is read from its
-checkpoint ``run_dir/round_<t-1>/member.ckpt``, which every rank reads and which a resumed run
-finds on disk.
+checkpoint ``run_dir/round_<t−1>/member.ckpt``, which every rank reads and which a resumed run
+finds on disk. A round cut off in the middle resumes from its own last checkpoint, as any round.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
-MEMBER_CHECKPOINT = "member.ckpt"  # the file name the orchestrator gives each member's checkpoint
+from .run_dir import MEMBER_FILE, round_dir
 
 
-def previous_member_checkpoint(run_dir: str | Path, round_index: int) -> Path:
-    """The checkpoint of the member trained in round ``round_index − 1`` (0-based rounds)."""
-    return Path(run_dir) / f"round_{round_index - 1}" / MEMBER_CHECKPOINT
+def previous_member_checkpoint(run_dir: str | Path, t: int) -> Path:
+    """The checkpoint of member ``t − 1`` (rounds ``1..T``): ``run_dir/round_<t−1>/member.ckpt``."""
+    return round_dir(run_dir, t - 1) / MEMBER_FILE
 
 
 def warm_start(model_factory: Callable[[int, int], L.LightningModule],
@@ -39,14 +39,15 @@ def warm_start(model_factory: Callable[[int, int], L.LightningModule],
     augmentation), then loads the previous member's ``state_dict`` (parameters and buffers).
 
     Args:
-        model_factory: ``(round, seed) -> LightningModule``, as :meth:`BoostingOrchestrator.run` takes.
+        model_factory: ``(t, seed) -> LightningModule`` (``t`` in ``1..T``), as
+            :meth:`BoostingOrchestrator.run` takes.
         run_dir: the orchestrator's ``run_dir``.
     """
 
-    def factory(round_index: int, seed: int) -> L.LightningModule:
-        model = model_factory(round_index, seed)
-        if round_index > 0:
-            path = previous_member_checkpoint(run_dir, round_index)
+    def factory(t: int, seed: int) -> L.LightningModule:
+        model = model_factory(t, seed)
+        if t > 1:
+            path = previous_member_checkpoint(run_dir, t)
             if not path.is_file():
                 raise FileNotFoundError(f"warm start: {path} is missing; the previous member of the "
                                         "snapshot ensemble must be in the same run_dir")
