@@ -28,6 +28,7 @@ from .functional import (
 from .hessian import HessianEigenvalues, HessianTrace
 from .margins import PerSampleMargins
 from .rescaling import UnitNormRescaling
+from .theory import MarginTheoryCheck, theorem1_summary
 from .width import GradientNormWidth
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "HessianEigenvalues",
     "HessianOperator",
     "HessianTrace",
+    "MarginTheoryCheck",
     "Measurement",
     "MeasurementBatches",
     "PerSampleMargins",
@@ -53,5 +55,6 @@ __all__ = [
     "margin_summary",
     "scale_invariant_parameters",
     "scale_invariant_structure",
+    "theorem1_summary",
     "unit_norm_copy",
 ]

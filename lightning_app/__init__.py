@@ -18,6 +18,7 @@ from .gap_rules import (
     NormalizedGapRule,
     TargetGapRule,
 )
+from .snapshot import warm_start
 
 __all__ = [
     "BoostedEnsemble",
@@ -40,4 +41,5 @@ __all__ = [
     "packaged_configs",
     "resolve_config",
     "training_set_fingerprint",
+    "warm_start",
 ]

@@ -71,7 +71,8 @@ class BoostingConfig:
         gap_rule: a ``GapRule`` (``class_path``/``init_args``); default ``MeanGapRule``.
         run_dir: one directory for the run: per-round logs and checkpoints, ``state.pt``,
             ``summary.json`` and the ensemble's TensorBoard events.
-        seed: member t is seeded with ``seed + t − 1`` (initialisation and data order).
+        seed: the run's seed; member t is seeded with ``member_seed(seed, t)`` (initialisation and
+            data order), so runs with different seeds share no member.
         resume: continue the run found in ``run_dir``; ``false`` refuses to touch an existing run.
     """
 
@@ -83,8 +84,19 @@ class BoostingConfig:
 
 
 def member_seed(seed: int, t: int) -> int:
-    """The seed of member ``t`` (``1..T``): initialisation and data order of that round."""
-    return seed + t - 1
+    """The seed of member ``t`` (``1..T``) of a run seeded with ``seed``: initialisation and data order.
+
+    ``numpy.random.SeedSequence([seed, t − 1])`` hashes the pair into one 32-bit seed. Unlike
+    ``seed + t − 1`` (where run 0's second member *was* run 1's first member), runs with different
+    seeds get unrelated members, so seed-to-seed spreads are over independent ensembles. A pure
+    function of the pair: every rank and every resume of a run computes the same seeds.
+
+    >>> member_seed(0, 1), member_seed(0, 2) != member_seed(1, 1)
+    (2968811710, True)
+    """
+    seed = check_int("boosting.seed", seed, low=0)
+    t = check_int("member_seed.t", t, low=1)
+    return int(np.random.SeedSequence([seed, t - 1]).generate_state(1)[0])
 
 
 def training_set_fingerprint(targets: Tensor) -> dict[str, Any]:
@@ -219,7 +231,7 @@ class BoostingOrchestrator:
         rounds: number of members T (>= 1).
         gap_rule: maps cumulative margins to gaps; ``MeanGapRule()`` by default.
         run_dir: directory of the run (see :class:`BoostingConfig`).
-        seed: member t uses ``member_seed(seed, t) = seed + t − 1``.
+        seed: the run's seed; member t uses ``member_seed(seed, t)`` (a ``SeedSequence`` hash).
         resume: continue a run found in ``run_dir``.
         config_fingerprint: ``{field: value}`` of the configuration that changes results (the CLI
             passes the resolved model, data, trainer and boosting fields); a resumed run must

@@ -9,6 +9,8 @@ Where a thing lives:
 * ``state``: snapshot and restore of parameters, buffers, grads, modes and RNG; BN helpers.
 * ``parameters``: parameters by regex (the one naming convention), the global norm.
 * ``scale_invariance``: which weights are scale-invariant, and their unit-norm copy.
+* ``margin_bounds``: the seed's mean-margin value ``2/K·‖W‖₁`` and the actual maximum of the mean
+  margin over BN-normalised features for a head ``W``.
 * ``curvature``: Hessian-vector products, Rademacher probes, Hutchinson, Hutch++, Lanczos.
 * ``schedulers``: learning-rate schedules over the run's length (``CosineAnnealingRunLR``).
 * ``variational``: diagonal Gaussian weights over any network (``VariationalNet``,
@@ -59,6 +61,7 @@ from .losses import (
     resolve_criterion,
 )
 from .manual_step import ManualStepClassifier
+from .margin_bounds import max_bn_mean_margin, seed_mean_margin_value
 from .parameters import global_norm, match_parameters
 from .penalties import CurvaturePenaltyClassifier, composite_batchnorm
 from .pruning import (
@@ -138,6 +141,7 @@ __all__ = [
     "match_parameters",
     "negative_evidence",
     "plot_pruning_curves",
+    "max_bn_mean_margin",
     "preserved_batchnorm_stats",
     "preserved_state",
     "prune_by_relative_density",
@@ -155,6 +159,7 @@ __all__ = [
     "sample_weights",
     "scale_invariant_parameters",
     "scale_invariant_structure",
+    "seed_mean_margin_value",
     "select_scale_invariant",
     "stability",
     "unit_norm_copy",

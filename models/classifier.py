@@ -17,6 +17,7 @@ from marginboost.errors import ConfigError, check_bool, check_choice, check_int,
 from .backbones import build_backbone
 from .heads import build_head
 from .losses import discounted_cross_entropy, margins
+from .margin_bounds import seed_mean_margin_value
 
 SCHEDULER_INTERVALS = ("epoch", "step")
 
@@ -127,10 +128,13 @@ class MarginClassifier(L.LightningModule):
         state["_compiled_backbone"] = None
         return state
 
-    def theorem1_bound(self) -> Tensor:
-        """``2/K · ‖W‖₁`` (entrywise L1 norm of the head), logged next to the mean margin."""
-        w = self.head.weight
-        return 2.0 / w.shape[0] * w.detach().abs().sum()
+    def seed_mean_margin_value(self) -> Tensor:
+        """Seed 004's ``2/K · ‖W‖₁`` (entrywise L1 norm of the head), logged next to the mean margin.
+
+        Not an upper bound on the mean margin for ``K ≥ 3`` (see :mod:`models.margin_bounds`);
+        ``callbacks.MarginTheoryCheck`` logs the actual maximum for this head.
+        """
+        return seed_mean_margin_value(self.head.weight)
 
     def loss_and_logits(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """The training criterion (the head's loss with the batch's gaps) and the logits."""
@@ -160,7 +164,7 @@ class MarginClassifier(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/theorem1_bound", self.theorem1_bound(), sync_dist=False)
+        self.log("train/seed_mean_margin_value", self.seed_mean_margin_value(), sync_dist=False)
 
     def _eval_step(self, batch: Mapping[str, Tensor], loss_metric: MeanMetric,
                    acc_metric: MulticlassAccuracy, prefix: str) -> None:

@@ -16,6 +16,7 @@ from lightning_app import (
     ClippedGapRule,
     MeanGapRule,
     build_cli,
+    member_seed,
     resolve_config,
 )
 from marginboost.errors import ConfigError
@@ -91,7 +92,7 @@ def test_orchestrator_feeds_rule_output_into_next_round(tmp_path):
     member2 = MarginClassifier.load_from_checkpoint(tmp_path / "round_2" / "member.ckpt")
     torch.testing.assert_close(state["M"], m1 + _margins_by_hand(member2, dm), atol=1e-5, rtol=0)
     assert torch.equal(dm.gaps, state["gaps"])
-    assert [m["seed"] for m in state["members"]] == [3, 4]
+    assert [m["seed"] for m in state["members"]] == [member_seed(3, 1), member_seed(3, 2)]
     # summary.json and the TensorBoard events of the ensemble
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["history"][1]["boosted_acc"] == summary["history"][1]["boosted_acc"]

@@ -58,7 +58,7 @@ def test_lightning_fit_offline_config_writes_tensorboard_events(tmp_path):
     assert events, list(tmp_path.rglob("*"))
     acc = EventAccumulator(str(events[0].parent)).Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/acc", "train/margin_mean", "train/theorem1_bound", "val/loss", "val/acc"} <= tags
+    assert {"train/loss", "train/acc", "train/margin_mean", "train/seed_mean_margin_value", "val/loss", "val/acc"} <= tags
     val_acc = acc.Scalars("val/acc")
     assert len(val_acc) == 4 and val_acc[-1].value > 0.8
     assert (events[0].parent / "config.yaml").exists()
