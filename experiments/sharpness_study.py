@@ -196,7 +196,7 @@ def write_report(rows: list[dict], args: argparse.Namespace, methods: list[str],
     for m in methods:
         s = stats[m]
 
-        def pm(key, scale=1.0, fmt="{:.3g}"):
+        def pm(key, scale=1.0, fmt="{:.3g}", s=s):
             mean, std = s[key]
             return f"{fmt.format(mean * scale)} ± {fmt.format(std * scale)}"
         lines.append(f"| {LABELS[m]} | {s['n'][0]} | {pm('test_acc', 100, '{:.2f}')} | {pm('train_acc', 100, '{:.2f}')} "

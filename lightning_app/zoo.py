@@ -42,7 +42,12 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from callbacks import GradientNormWidth, HessianTrace, NormalizedMargins, margin_distribution_features
+from callbacks import (
+    GradientNormWidth,
+    HessianTrace,
+    NormalizedMargins,
+    margin_distribution_features,
+)
 from datamodules import DigitsDataModule, FashionMNISTDataModule, GapDataModule, SubsetDataModule
 from marginboost.errors import ConfigError, check_bool, check_choice, check_int, check_number
 from marginboost.per_sample import collect_logits

@@ -21,7 +21,11 @@ from models.scale_invariance import (
 
 from .hessian import hessian_top_eigenvalues, hessian_trace
 from .margins import collect_margins, margin_summary
-from .normalized_margins import NormalizedMarginResult, margin_distribution_features, normalized_layer_margins
+from .normalized_margins import (
+    NormalizedMarginResult,
+    margin_distribution_features,
+    normalized_layer_margins,
+)
 from .width import WidthEstimate, gradient_norm_width
 
 __all__ = [

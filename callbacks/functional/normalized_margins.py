@@ -112,7 +112,8 @@ def normalized_layer_margins(model: nn.Module, batches: Iterable[Mapping[str, Te
                 batch = batch_to(as_batch(raw), next(model.parameters()).device)
                 x = batch["x"].detach().clone().requires_grad_(INPUT in layers)
                 captured.clear()
-                logits = model(x).float()
+                logits = model(x)
+                logits = logits if logits.dtype == torch.float64 else logits.float()  # fp32 at least
                 acts = {name: (x if name == INPUT else logits if name == OUTPUT else captured[name])
                         for name in layers}
                 y = batch["y"]
