@@ -161,7 +161,7 @@ def write_report(rows: list[dict], args: argparse.Namespace, methods: list[str],
         f.write(",".join(keys) + "\n")
         for r in sorted(rows, key=lambda r: (methods.index(r["method"]), r["seed"])):
             f.write(",".join(str(r[k]) for k in keys) + "\n")
-    cmd = "python experiments/sharpness_study.py " + " ".join(sys.argv[1:])
+    cmd = " ".join(["python experiments/sharpness_study.py", *sys.argv[1:]])
     seeds = sorted({r["seed"] for r in rows})
     data = (f"Fashion-MNIST (Debian package), a seeded subset of {args.num_train} training images, the full "
             "10 000-image test set" if args.data == "fashion" and args.num_train else f"{args.data}, full training set")
@@ -176,8 +176,10 @@ def write_report(rows: list[dict], args: argparse.Namespace, methods: list[str],
         f"- Command: `OMP_NUM_THREADS=1 {cmd}`",
         f"- Machine: {platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs, torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s); accelerator `{args.accelerator}`",
-        f"- Wall time: {wall / 60:.1f} min for the runs of this invocation "
-        f"(sum of fit times over all runs {sum(r['fit_s'] for r in rows) / 60:.1f} min)",
+        f"- Time: {sum(r['fit_s'] + r['measure_s'] for r in rows) / 60:.1f} min of training and measuring in "
+        f"total (sum over the runs, which run one after another in one process; "
+        f"{sum(r['fit_s'] for r in rows) / 60:.1f} min of it training); this invocation trained "
+        f"{len(rows) - len(args.reused)} runs in {wall / 60:.1f} min wall (finished runs are reused)",
         f"- Data: {data}; augmentation {'on' if args.augment else 'off'}",
         f"- Network: `{args.backbone}` {args.backbone_kwargs} + frozen orthogonal `W ∘ BN` head; SGD lr {args.lr}, "
         f"momentum 0.9, weight decay 5e-4, cosine schedule, batch {args.batch_size}, **{args.epochs} epochs for "
@@ -231,10 +233,20 @@ def verdict(stats: dict, methods: list[str]) -> list[str]:
         for pen in ("trace", "gradnorm"):
             d_tr, big_tr = cmp(pen, "sgd", "trace")
             d_acc, big_acc = cmp(pen, "sam", "test_acc")
+            d_unit, big_unit = cmp(pen, "sgd", "trace_unit")
+            d_eig, big_eig = cmp(pen, "sgd", "eig1")
             out.append(f"- {LABELS[pen]}: trace {'lower' if d_tr < 0 else 'higher'} than SGD by {abs(d_tr):.3g} "
-                       f"({'beyond' if big_tr else 'within'} the seed spread); test accuracy "
+                       f"({'beyond' if big_tr else 'within'} the seed spread), top eigenvalue "
+                       f"{'lower' if d_eig < 0 else 'higher'} by {abs(d_eig):.3g} ({'beyond' if big_eig else 'within'} "
+                       f"the spread); at unit-norm scale-invariant weights the trace is "
+                       f"{'lower' if d_unit < 0 else 'higher'} than SGD's by {abs(d_unit):.3g} "
+                       f"({'beyond' if big_unit else 'within'} the spread). Test accuracy "
                        f"{'below' if d_acc < 0 else 'above'} SAM by {abs(d_acc) * 100:.2f} pp "
                        f"({'beyond' if big_acc else 'within'} the seed spread).")
+        out.append("- With BN after every hidden layer the network is invariant to the scale of those weights, "
+                   "and the Hessian with respect to a weight scaled by c scales by 1/c²: a penalty can lower the "
+                   "raw trace by growing the weights without changing the function. The unit-norm column removes "
+                   "that freedom; compare it with the raw trace before reading a lower trace as a flatter function.")
     if {"rsam", "sam"} <= set(methods):
         d, big = cmp("rsam", "sam", "test_acc")
         out.append(f"- Riemannian SAM vs SAM: {d * 100:+.2f} pp test accuracy "
@@ -281,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(json.dumps(row) + "\n")
             rows.append(row)
     rows = [r for r in rows if r["method"] in args.methods and r["seed"] in args.seeds]
+    args.reused = [r for r in rows if (r["method"], r["seed"]) in done]
     write_report(rows, args, args.methods, time.perf_counter() - start, Path(args.out))
 
 
