@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         "The seed's claim: a linear model on margin-distribution statistics, fit on 377 trained networks, "
         "reaches R² = 0.89; the statistics correlate with the gap only at the last iterations of training, and "
         "the predictor does not transfer to networks trained for fewer iterations. Jiang et al. (ICLR 2019) "
-        "report adjusted R² of about 0.87–0.97 for their signature (log space, hidden layers + output) on "
-        "CIFAR-10/100 zoos of deep convolutional networks.",
+        "report their signature (log space, hidden layers + output) on CIFAR-10/100 zoos of deep convolutional "
+        "networks; their figures are not reproduced here (no CIFAR on this machine).",
         "",
         f"- Command: `OMP_NUM_THREADS=1 python experiments/gengap.py {' '.join(sys.argv[1:])}` "
         f"(zoo: `python -m lightning_app.zoo --config {args.config}`, config `{cfg.out_dir}`)",
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> None:
         cv_clean = GapPredictor(FEATURE_SETS[MAIN]).cross_validate(clean, args.folds, seed=0)["r2"]
         lines.append(f"- Without label noise ({len(clean)} networks; gap std "
                      f"{np.std([r['gap'] for r in clean]):.3f}): Jiang signature {args.folds}-fold CV R² = "
-                     f"{cv_clean:.3f}. Label noise drives most of this zoo's gap variance: a network that has not "
+                     f"{cv_clean:.3f} ({len(FEATURE_SETS[MAIN]) + 1} coefficients on {len(clean)} networks with "
+                     "almost no gap variance: the fit does not generalize). Label noise drives most of this zoo's gap variance: a network that has not "
                      "memorised its wrong labels has train accuracy (on those labels) below test accuracy, so "
                      "many gaps are negative.")
     lines += ["", "The whole table: [gengap.csv](gengap.csv).", "",
