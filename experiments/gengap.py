@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> None:
                      "many gaps are negative.")
     lines += ["", "The whole table: [gengap.csv](gengap.csv).", "",
               "## Fashion-MNIST or CIFAR-10 (commands; not run here)", "",
-              "Copy `lightning_app/configs/zoo_digits.yaml`, set `data: {name: fashion}` (or a CIFAR data module "
-              "for `backbone: small_cnn` on a GPU), and spread it over a cluster:", "", "```bash",
+              "Copy `lightning_app/configs/zoo/zoo_digits.yaml` to `zoo_fashion.yaml`, set `data: {name: fashion}` "
+              "(the zoo's data sets are `DATASETS` in `lightning_app/zoo.py`), and spread it over a cluster:", "", "```bash",
               "# SLURM array of 16 shards; each writes its own CSV, merged on read", "sbatch --array=0-15 --wrap \\",
               "  'python -m lightning_app.zoo --config zoo_fashion.yaml --zoo.shard $SLURM_ARRAY_TASK_ID/16'",
               "python experiments/gengap.py --config zoo_fashion.yaml --skip-training --out docs/gengap_fashion.md",

@@ -53,7 +53,8 @@ from marginboost.errors import ConfigError, check_bool, check_choice, check_int,
 from marginboost.per_sample import collect_logits
 from models import MarginClassifier
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+# Zoo configs are not `lightning fit` configs: they live apart from those (configs/zoo/).
+CONFIG_DIR = Path(__file__).parent / "configs" / "zoo"
 HYPERPARAMETERS = ("backbone", "width", "depth", "lr", "batch_size", "weight_decay", "augment", "dropout",
                    "label_noise", "epochs")
 DEFAULTS: dict[str, Any] = {"backbone": "mlp", "width": 64, "depth": 2, "lr": 0.05, "batch_size": 64,
