@@ -2,7 +2,8 @@
 
 * ``base``: ``SharpnessCallback`` (schedule, data, mode, seeding, restoring the model,
   reduction across ranks, logging) and ``Measurement``;
-* ``margins``: ``PerSampleMargins``; ``width``: ``GradientNormWidth``; ``hessian``:
+* ``margins``: ``PerSampleMargins``; ``normalized_margins``: ``NormalizedMargins`` (Jiang et al.);
+  ``width``: ``GradientNormWidth``; ``hessian``:
   ``HessianTrace``, ``HessianEigenvalues``; ``rescaling``: their unit-norm option;
 * ``functional``: the same metrics as plain functions, usable without Lightning.
 """
@@ -20,13 +21,16 @@ from .functional import (
     hutchinson,
     hutchpp,
     lanczos_top_eigenvalues,
+    margin_distribution_features,
     margin_summary,
+    normalized_layer_margins,
     scale_invariant_parameters,
     scale_invariant_structure,
     unit_norm_copy,
 )
 from .hessian import HessianEigenvalues, HessianTrace
 from .margins import PerSampleMargins
+from .normalized_margins import NormalizedMargins
 from .rescaling import UnitNormRescaling
 from .theory import MarginTheoryCheck, theorem1_summary
 from .width import GradientNormWidth
@@ -38,6 +42,7 @@ __all__ = [
     "HessianTrace",
     "MarginTheoryCheck",
     "Measurement",
+    "NormalizedMargins",
     "MeasurementBatches",
     "PerSampleMargins",
     "SharpnessCallback",
@@ -52,7 +57,9 @@ __all__ = [
     "hutchinson",
     "hutchpp",
     "lanczos_top_eigenvalues",
+    "margin_distribution_features",
     "margin_summary",
+    "normalized_layer_margins",
     "scale_invariant_parameters",
     "scale_invariant_structure",
     "theorem1_summary",

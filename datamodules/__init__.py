@@ -6,6 +6,7 @@ from .device_resident import DeviceResidentLoader, ShardedPermutation
 from .fashion import FashionMNISTDataModule, read_idx
 from .offline import DigitsDataModule, Toy2DDataModule
 from .split import Split
+from .subset import SubsetDataModule, noisy_subset, noisy_subset_indices
 from .vision import CIFAR10DataModule, CIFAR100DataModule, MNISTDataModule
 
 __all__ = [
@@ -19,8 +20,11 @@ __all__ = [
     "MNISTDataModule",
     "ShardedPermutation",
     "Split",
+    "SubsetDataModule",
     "Toy2DDataModule",
     "crop_flip",
+    "noisy_subset",
+    "noisy_subset_indices",
     "normalize",
     "read_idx",
     "sample_crop_flip",

@@ -1,4 +1,6 @@
-"""The ``lightning`` command (LightningCLI), packaged configs, and the boosting orchestrator."""
+"""The ``lightning`` command (LightningCLI), packaged configs, the boosting orchestrator,
+the generalization-gap predictor; the model zoo is ``lightning_app.zoo`` (not imported here, so
+``python -m lightning_app.zoo`` runs it as a script cleanly)."""
 
 from .boosted_ensemble import BoostedEnsemble, EnsemblePredictionWriter
 from .boosting import (
@@ -10,6 +12,7 @@ from .boosting import (
 )
 from .cli import MarginBoostCLI, build_cli, main, packaged_configs, resolve_config
 from .ensemble import brier_score, ensemble_metrics
+from .gap_predictor import GapPredictor
 from .gap_rules import (
     ClippedGapRule,
     GapRule,
@@ -26,6 +29,7 @@ __all__ = [
     "BoostingOrchestrator",
     "ClippedGapRule",
     "EnsemblePredictionWriter",
+    "GapPredictor",
     "GapRule",
     "MarginBoostCLI",
     "MeanGapRule",

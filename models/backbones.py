@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from marginboost.errors import ConfigError
+from marginboost.errors import ConfigError, check_number
 
 BackboneBuilder = Callable[..., nn.Module]
 _REGISTRY: dict[str, BackboneBuilder] = {}
@@ -147,14 +147,18 @@ def small_cnn(input_shape: Sequence[int], width: int = 32) -> nn.Module:
 
 
 @register_backbone("mlp")
-def mlp(input_shape: Sequence[int], width: int = 256, depth: int = 2) -> nn.Module:
-    """Flatten, then ``depth`` Linear-BN-ReLU layers of ``width`` units."""
+def mlp(input_shape: Sequence[int], width: int = 256, depth: int = 2, dropout: float = 0.0) -> nn.Module:
+    """Flatten, then ``depth`` Linear-BN-ReLU layers of ``width`` units (each followed by
+    ``Dropout(dropout)`` when ``dropout > 0``)."""
+    check_number("model.backbone_kwargs.dropout", dropout, low=0.0, high=0.99)
     layers: list[nn.Module] = [nn.Flatten()]
     cin = 1
     for s in input_shape:
         cin *= s
     for _ in range(depth):
         layers += [nn.Linear(cin, width, bias=False), nn.BatchNorm1d(width), nn.ReLU()]
+        if dropout > 0:  # only then: dropout-free nets keep their module indices and state_dict keys
+            layers.append(nn.Dropout(dropout))
         cin = width
     net = nn.Sequential(*layers)
     net.out_features = cin

@@ -21,10 +21,16 @@ from models.scale_invariance import (
 
 from .hessian import hessian_top_eigenvalues, hessian_trace
 from .margins import collect_margins, margin_summary
+from .normalized_margins import (
+    NormalizedMarginResult,
+    margin_distribution_features,
+    normalized_layer_margins,
+)
 from .width import WidthEstimate, gradient_norm_width
 
 __all__ = [
     "HessianOperator",
+    "NormalizedMarginResult",
     "TraceEstimate",
     "UnitNormCopy",
     "WidthEstimate",
@@ -35,7 +41,9 @@ __all__ = [
     "hutchinson",
     "hutchpp",
     "lanczos_top_eigenvalues",
+    "margin_distribution_features",
     "margin_summary",
+    "normalized_layer_margins",
     "scale_invariant_parameters",
     "scale_invariant_structure",
     "unit_norm_copy",

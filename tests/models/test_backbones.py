@@ -32,3 +32,18 @@ def test_backbone_by_class_path_and_unknown_name():
         build_backbone("resnet19", (3, 32, 32))
     with pytest.raises(ValueError, match=r"model\.backbone: .resnet18.; allowed: .*images \[C, H, W\]"):
         build_backbone("resnet18", (2,))
+
+
+def test_mlp_dropout_only_adds_modules_when_positive():
+    import pytest
+    from torch import nn
+
+    from marginboost.errors import ConfigError
+    from models import build_backbone
+
+    plain = build_backbone("mlp", (4,), width=8, depth=2)
+    assert not any(isinstance(m, nn.Dropout) for m in plain.modules())
+    drop = build_backbone("mlp", (4,), width=8, depth=2, dropout=0.5)
+    assert [m.p for m in drop.modules() if isinstance(m, nn.Dropout)] == [0.5, 0.5]
+    with pytest.raises(ConfigError, match="model.backbone_kwargs.dropout: 1.5"):
+        build_backbone("mlp", (4,), dropout=1.5)
