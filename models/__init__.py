@@ -164,3 +164,44 @@ __all__ = [
     "stability",
     "unit_norm_copy",
 ]
+
+# Mode connectivity (issue 12): paths, alignment, evaluation along paths, the curve LightningModule.
+from .connectivity import (  # noqa: E402
+    ArcPath,
+    BezierCurve,
+    CurvePath,
+    LinearPath,
+    PolygonalChain,
+    align,
+    align_activations,
+    align_ot,
+    align_weights,
+    evaluate_path,
+    hidden_layers,
+    make_path,
+    path_metrics,
+    permute_hidden_units,
+    reset_bn_statistics,
+    t_grid,
+)
+from .connectivity.curve_classifier import CurveClassifier  # noqa: E402
+
+__all__ += [
+    "ArcPath",
+    "BezierCurve",
+    "CurveClassifier",
+    "CurvePath",
+    "LinearPath",
+    "PolygonalChain",
+    "align",
+    "align_activations",
+    "align_ot",
+    "align_weights",
+    "evaluate_path",
+    "hidden_layers",
+    "make_path",
+    "path_metrics",
+    "permute_hidden_units",
+    "reset_bn_statistics",
+    "t_grid",
+]

@@ -102,9 +102,9 @@ class ArcPath(CurvePath):
 
     def point(self, t: float | Tensor) -> dict[str, Tensor]:
         t = float(t)
-        # cos(π/2) is 6e-17 in floating point: make the endpoints exact.
-        c = 1.0 if t == 0.0 else 0.0 if t == 1.0 else math.cos(math.pi * t / 2)
-        s = 0.0 if t == 0.0 else 1.0 if t == 1.0 else math.sin(math.pi * t / 2)
+        if t in (0.0, 1.0):  # exact endpoints (μ + (θ − μ) and cos(π/2) = 6e-17 both round)
+            return self.endpoint("a" if t == 0.0 else "b")
+        c, s = math.cos(math.pi * t / 2), math.sin(math.pi * t / 2)
         out = {}
         for i, n in enumerate(self.names):
             mu = getattr(self, f"mu{i}")
