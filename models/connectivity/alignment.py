@@ -97,7 +97,8 @@ def hidden_layers(model: nn.Module) -> list[HiddenLayer]:
     seen: set[str] = set()
     for node in graph.nodes:
         if node.op != "output" and len(node.users) > 1:
-            raise _refuse(f"{node.format_node()} is used {len(node.users)} times (a residual or branch)")
+            raise _refuse(f"the output of {node.target if node.op == 'call_module' else node.name} is used "
+                          f"{len(node.users)} times (a residual connection or a branch)")
         if node.op in ("placeholder", "output"):
             continue
         if node.op == "get_attr":

@@ -145,7 +145,7 @@ class CurveClassifier(MarginClassifier):
         self.curve = make_path(curve, theta_a, theta_b, num_bends=num_bends, trainable=trainable)
         self.curve_kind, self.curve_weight_decay = curve, curve_weight_decay
         self.val_t, self.grid_points = val_t, grid_points
-        self.reset_bn = has_batchnorm(self.backbone) or has_batchnorm(self.head) if reset_bn is None else reset_bn
+        self.reset_bn = has_batchnorm(self) if reset_bn is None else reset_bn
         self.bn_batches = bn_batches
         self.val_t_loss = torch.nn.ModuleList(MeanMetric() for _ in val_t)
         self.val_t_acc = torch.nn.ModuleList(MulticlassAccuracy(hp["num_classes"], average="micro") for _ in val_t)
@@ -263,7 +263,11 @@ class CurveClassifier(MarginClassifier):
         return out
 
     def on_fit_end(self) -> None:
-        if not self.grid_points or not self.trainer.is_global_zero:
+        if not self.grid_points:
+            return
+        # `trainer.log_dir` broadcasts under DDP: every rank asks, then only rank 0 evaluates.
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        if not self.trainer.is_global_zero:
             return
         was_training = self.training
         self.eval()
@@ -271,7 +275,6 @@ class CurveClassifier(MarginClassifier):
             self.path_results = self.evaluate_grid()
         finally:
             self.train(was_training)
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "path_eval.json").write_text(json.dumps(self.path_results, indent=1))
         with open(log_dir / "path_eval.csv", "w", newline="") as f:

@@ -65,17 +65,18 @@ def reset_bn_statistics(model: nn.Module, params: Mapping[str, Tensor], loader: 
         max_batches: stop after this many batches (``None``: the whole loader).
 
     Returns:
-        ``{buffer name: tensor}`` for every buffer of the model, the BN ones recomputed.
+        ``{buffer name: tensor}``: ``running_mean``, ``running_var`` and ``num_batches_tracked`` of
+        every BN layer (empty without BN), to pass to ``functional_call`` with ``params``.
     """
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     bns = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    buffers: dict[str, Tensor] = {}
     if not bns:
         return buffers
-    for n, _ in bns:
+    for n, m in bns:  # fresh copies: the model's own statistics stay as they are
         prefix = f"{n}." if n else ""
-        buffers[prefix + "running_mean"].zero_()
-        buffers[prefix + "running_var"].fill_(1.0)
-        buffers[prefix + "num_batches_tracked"].zero_()
+        buffers[prefix + "running_mean"] = torch.zeros_like(m.running_mean)
+        buffers[prefix + "running_var"] = torch.ones_like(m.running_var)
+        buffers[prefix + "num_batches_tracked"] = torch.zeros_like(m.num_batches_tracked)
     modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for _, m in bns}
     device = _device(model)

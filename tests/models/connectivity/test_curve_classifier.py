@@ -73,6 +73,7 @@ def test_bad_configuration_is_refused(tmp_path):
         CurveClassifier(pa, pa, num_classes=10)
     with pytest.raises(ConfigError, match="model.align: 'activations'"):
         CurveClassifier(pa, pa, align="activations")
+    assert CurveClassifier(pa, pa).reset_bn is True and CurveClassifier(pa, pa, reset_bn=False).reset_bn is False
     with pytest.raises(ConfigError, match="model.curve: 'linear'"):
         CurveClassifier(pa, pa, curve="linear").configure_optimizers()
 
