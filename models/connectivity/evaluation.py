@@ -23,14 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..state import batchnorm_mode, is_batchnorm
 from .paths import CurvePath
 
 
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether the model has BatchNorm layers that track running statistics."""
-    return any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules())
+    return any(is_batchnorm(m) and m.track_running_stats for m in model.modules())
 
 
 def _xy(batch) -> tuple[Tensor, Tensor | None]:
@@ -68,7 +68,7 @@ def reset_bn_statistics(model: nn.Module, params: Mapping[str, Tensor], loader: 
         ``{buffer name: tensor}``: ``running_mean``, ``running_var`` and ``num_batches_tracked`` of
         every BN layer (empty without BN), to pass to ``functional_call`` with ``params``.
     """
-    bns = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    bns = [(n, m) for n, m in model.named_modules() if is_batchnorm(m) and m.track_running_stats]
     buffers: dict[str, Tensor] = {}
     if not bns:
         return buffers
@@ -77,24 +77,20 @@ def reset_bn_statistics(model: nn.Module, params: Mapping[str, Tensor], loader: 
         buffers[prefix + "running_mean"] = torch.zeros_like(m.running_mean)
         buffers[prefix + "running_var"] = torch.ones_like(m.running_var)
         buffers[prefix + "num_batches_tracked"] = torch.zeros_like(m.num_batches_tracked)
-    modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for _, m in bns}
     device = _device(model)
-    try:
-        model.eval()
-        for _, m in bns:
-            m.train()
-            m.momentum = None  # cumulative average over the pass
-        for b, batch in enumerate(loader):
-            if max_batches is not None and b >= max_batches:
-                break
-            x, _ = _xy(batch)
-            functional_call(model, {**params, **buffers}, (x.to(device),))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-        for m, mom in momenta.items():
-            m.momentum = mom
+    with batchnorm_mode(model, "train"):  # only BN in training mode: no dropout in the pass
+        try:
+            for _, m in bns:
+                m.momentum = None  # cumulative average over the pass
+            for b, batch in enumerate(loader):
+                if max_batches is not None and b >= max_batches:
+                    break
+                x, _ = _xy(batch)
+                functional_call(model, {**params, **buffers}, (x.to(device),))
+        finally:
+            for m, mom in momenta.items():
+                m.momentum = mom
     return buffers
 
 
