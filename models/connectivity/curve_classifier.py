@@ -115,11 +115,11 @@ class CurveClassifier(MarginClassifier):
         ckpt_a = _load_checkpoint("model.checkpoint_a", checkpoint_a)
         ckpt_b = _load_checkpoint("model.checkpoint_b", checkpoint_b)
         hp = ckpt_a["hyper_parameters"]
-        for field, linked, stored in (("num_classes", num_classes, hp["num_classes"]),
-                                      ("input_shape", input_shape, hp["input_shape"])):
-            if linked is not None and list(linked if field == "input_shape" else [linked]) != list(
-                    stored if field == "input_shape" else [stored]):
-                raise ConfigError(f"model.{field}", linked, f"the checkpoints' value {stored}")
+        # The data module links its own values in: they must describe the checkpoints' inputs.
+        if num_classes is not None and num_classes != hp["num_classes"]:
+            raise ConfigError("model.num_classes", num_classes, f"the checkpoints' value {hp['num_classes']}")
+        if input_shape is not None and list(input_shape) != list(hp["input_shape"]):
+            raise ConfigError("model.input_shape", list(input_shape), f"the checkpoints' value {list(hp['input_shape'])}")
         arch = {k: hp[k] for k in ARCHITECTURE_KEYS if k in hp}
         super().__init__(num_classes=hp["num_classes"], input_shape=hp["input_shape"], **arch,
                          optimizer=optimizer, lr_scheduler=lr_scheduler, scheduler_interval=scheduler_interval)
@@ -192,7 +192,7 @@ class CurveClassifier(MarginClassifier):
         k = self.curve.num_bends + 1
         dist = sum((self.curve.control_point(j, i) - torch.lerp(line[0][n], line[1][n], j / k)).pow(2).sum()
                    for j in range(1, k) for i, n in enumerate(self.curve.names) if self.curve.trainable[i])
-        self.log("train/bend_distance", torch.as_tensor(dist).sqrt(), sync_dist=False)
+        self.log("train/bend_distance", torch.as_tensor(dist).sqrt(), sync_dist=True)  # equal on all ranks
 
     # ------------------------------------------------------------------ validation at val_t
     def on_validation_epoch_start(self) -> None:
@@ -214,13 +214,15 @@ class CurveClassifier(MarginClassifier):
             loss, acc = self.val_t_loss[i].compute(), self.val_t_acc[i].compute()  # synchronised
             self.val_t_loss[i].reset()
             self.val_t_acc[i].reset()
-            self.log(f"{prefix}/loss_t{t:.2f}", loss)
-            self.log(f"{prefix}/acc_t{t:.2f}", acc)
+            # already synchronised (identical on every rank); sync_dist keeps Lightning's DDP
+            # check quiet and costs one all-reduce of a scalar
+            self.log(f"{prefix}/loss_t{t:.2f}", loss, sync_dist=True)
+            self.log(f"{prefix}/acc_t{t:.2f}", acc, sync_dist=True)
             losses.append(loss)
             accs.append(acc)
         if losses:  # the worst evaluated point
-            self.log(f"{prefix}/loss", torch.stack(losses).max(), prog_bar=True)
-            self.log(f"{prefix}/acc", torch.stack(accs).min(), prog_bar=True)
+            self.log(f"{prefix}/loss", torch.stack(losses).max(), prog_bar=True, sync_dist=True)
+            self.log(f"{prefix}/acc", torch.stack(accs).min(), prog_bar=True, sync_dist=True)
         self._val_buffers = []
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
