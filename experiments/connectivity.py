@@ -233,8 +233,72 @@ def figure(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_markdown(results: dict, out: Path, figure_name: str, wall: float, command: str, machine: str) -> None:
+def runs_of(results: dict) -> list[dict]:
+    """The runs behind a results file: ``command``, ``wall_seconds``, ``machine``, ``priors``."""
+    if "runs" in results:
+        return results["runs"]
+    return [{k: results[k] for k in ("command", "wall_seconds", "machine")} | {"priors": results["config"]["priors"]}]
+
+
+def merge(parts: list[dict]) -> dict:
+    """Results of several runs over other priors (same widths, seeds and settings) as one."""
+    first = parts[0]["config"]
+    same = ("widths", "methods", "seeds", "seed0", "epochs", "lr", "batch_size", "grid", "train_eval")
+    for part in parts[1:]:
+        diff = [k for k in same if part["config"][k] != first[k]]
+        if diff:
+            raise SystemExit(f"error: --from-json: runs differ in {diff}; allowed: runs that differ only in --priors")
+    priors = [p for p in PRIORS if any(p in part["config"]["priors"] for part in parts)]
+    config = dict(first, priors=priors)
+    config["gauss_weight_decay"] = next((part["config"]["gauss_weight_decay"] for part in parts
+                                         if "gauss" in part["config"]["priors"]), first["gauss_weight_decay"])
+    return {"config": config, "records": [r for part in parts for r in part["records"]],
+            "endpoints": [e for part in parts for e in part["endpoints"]],
+            "runs": [run for part in parts for run in runs_of(part)]}
+
+
+def findings(results: dict) -> list[str]:
+    """What the tables say, computed from them (means over pairs)."""
     cfg = results["config"]
+    widths, priors = cfg["widths"], cfg["priors"]
+    mean = {(p, m, w): summarize(results, p, m, w)[0] for p in priors for m in cfg["methods"] for w in widths}
+    out = []
+    aligned = [m for m in cfg["methods"] if m not in ("Linear", "Arc")]
+    for p in priors:
+        if "Linear" not in cfg["methods"] or not aligned:
+            break
+        cells = []
+        for w in (widths[0], widths[-1]):
+            best = min(aligned, key=lambda m: mean[(p, m, w)])
+            cells.append(f"h = {w}: Linear {mean[(p, 'Linear', w)]:.2f} → {best} {mean[(p, best, w)]:.2f}")
+        out.append(f"- Alignment, {PRIOR_TITLES[p]}: " + "; ".join(cells) + " points.")
+    if {"Linear", "Arc"} <= set(cfg["methods"]):
+        diffs = [(mean[(p, "Linear", w)] - mean[(p, "Arc", w)], p, w) for p in priors for w in widths]
+        lower = sum(d > 0 for d, _, _ in diffs)
+        big = max(diffs, key=lambda d: abs(d[0]))
+        out.append(f"- Arc vs Linear without alignment: the arc has the lower max accuracy loss in {lower} of "
+                   f"{len(diffs)} cells; the largest difference is {big[0]:+.2f} points (Linear − Arc, "
+                   f"{PRIOR_TITLES[big[1]]}, h = {big[2]}). The seed's arc was lower than its line at every width.")
+        out.append("- After alignment the arc's loss barrier is larger than the line's while its accuracy loss "
+                   "is about the same. A likely reason (not measured separately): with θ_A ≈ θ_B and μ = 0, "
+                   "ψ(½) ≈ √2·θ_A, and a two-layer ReLU net with every weight and bias scaled by √2 has "
+                   "its logits scaled by about 2 (exactly 2 without the output bias) — nearly the same "
+                   "predictions, over-confident probabilities.")
+    if {"none", "dropout"} <= set(priors) and "Linear" in cfg["methods"]:
+        cells = [f"h = {w}: {mean[('none', 'Linear', w)]:.2f} vs {mean[('dropout', 'Linear', w)]:.2f}" for w in widths]
+        out.append("- Dropout 0.5 vs no prior, Linear (points): " + "; ".join(cells) + ".")
+    if "none" in priors and "Linear" in cfg["methods"]:
+        common = [w for w in widths if w in SEED_WIDTHS]
+        cells = [f"h = {w}: {mean[('none', 'Linear', w)]:.2f} (seed {SEED_TABLE['Linear'][SEED_WIDTHS.index(w)]:g})"
+                 for w in common]
+        out.append("- Linear without prior against the seed's MNIST numbers (another data set, other training): "
+                   + "; ".join(cells) + ".")
+    return out
+
+
+def write_markdown(results: dict, out: Path, figure_name: str) -> None:
+    cfg = results["config"]
+    runs = runs_of(results)
     n_pairs = cfg["seeds"] * (cfg["seeds"] - 1) // 2
     left_out = [w for w in SEED_WIDTHS if w not in cfg["widths"]]
     parts = [
@@ -250,10 +314,11 @@ def write_markdown(results: dict, out: Path, figure_name: str, wall: float, comm
         "",
         "Methods: linear `ψ(t) = (1−t)θ_A + tθ_B`; arc `ψ(t) = μ + cos(πt/2)(θ_A−μ) + sin(πt/2)(θ_B−μ)` "
         "with μ = 0 (the mean of PyTorch's initialisation and of the Gaussian prior); "
-        "\"Weight Adjustment\" = weight matching of B's hidden units to A's (`models.connectivity.align_weights`: "
+        "\"Weight Adjustment\" = weight matching of B's hidden units to A's (`models.align_weights`: "
         "linear assignment on incoming and outgoing weights, coordinate descent); "
         "OT = exact optimal transport (EMD, POT) between hidden units on their incoming weights "
-        "(`align_ot`); both give a permutation, so aligned B computes the same function as B.",
+        "(`models.align_ot`); both give a permutation, so aligned B computes the same function as B. "
+        "The library and its options: [mode_connectivity.md](mode_connectivity.md).",
         "",
         "## Our tables (Fashion-MNIST)",
         "",
@@ -264,24 +329,32 @@ def write_markdown(results: dict, out: Path, figure_name: str, wall: float, comm
     for prior in cfg["priors"]:
         parts += [table(results, prior, "test_loss_barrier"), ""]
     parts += ["Endpoints:", "", endpoint_table(results), "",
+              "## What the tables say", "", *findings(results), "",
               "## The seed's table (MNIST, from the issue)", "", seed_table(), "",
               f"![max accuracy loss vs width]({figure_name})", "",
               "## What ran", "",
               f"- Data: Fashion-MNIST from `{cfg['data_dir']}` (60,000 training, 10,000 test images, read by "
               "`datamodules.FashionMNISTDataModule` and held in memory as flat tensors), pixels "
               "standardised with the training mean and std. Training metrics in `connectivity.json` use a fixed "
-              f"subset of {cfg['train_eval']} training images.",
-              f"- Endpoints: Adam (lr {cfg['lr']}), batch {cfg['batch_size']}, {cfg['epochs']} epochs, cross-entropy; "
+              f"subset of {cfg['train_eval']} training images. MNIST (the seed's data set) cannot be downloaded "
+              "on this machine and was not run.",
+              f"- Endpoints: Adam (lr {cfg['lr']}), batch {cfg['batch_size']}, {cfg['epochs']} epochs, cross-entropy, "
+              "seed = initialisation and data order; "
               f"priors: {', '.join(PRIOR_TITLES[p] for p in cfg['priors'])}"
-              + (f" (λ = {cfg['gauss_weight_decay']} as coupled L2)" if "gauss" in cfg["priors"] else "") + ".",
+              + (f" (λ = {cfg['gauss_weight_decay']} as Adam's coupled L2)" if "gauss" in cfg["priors"] else "") + ".",
               f"- Widths: {', '.join(str(w) for w in cfg['widths'])}."
               + (f" The seed also has {', '.join(str(w) for w in left_out)}; left out to keep the run within "
                  "the time of this machine." if left_out else ""),
               "- No curve was trained for the table (curve training is optional per method; "
               "`lightning fit --config connectivity_bezier.yaml` trains one).",
-              f"- Command: `{command}`",
-              f"- Machine: {machine}; wall time {wall / 60:.1f} min (training, alignment and evaluation).",
-              ""]
+              ]
+    for run in runs:
+        parts.append(f"- Run ({', '.join(PRIOR_TITLES[p] for p in run['priors'])}): `{run['command']}` — "
+                     f"{run['wall_seconds'] / 60:.1f} min wall (training, alignment and evaluation) on {run['machine']}.")
+    if len(runs) > 1:
+        parts.append("- Merged into this page with `python experiments/connectivity.py --from-json <the runs' "
+                     "connectivity.json files> --out docs`.")
+    parts.append("")
     out.write_text("\n".join(parts))
 
 
@@ -301,15 +374,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-eval", type=int, default=10000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="docs", help="directory for connectivity.md/.json/.png")
-    p.add_argument("--from-json", default=None,
-                   help="re-write the table and figure from a saved connectivity.json (no training)")
+    p.add_argument("--from-json", nargs="+", default=None,
+                   help="re-write table and figure from saved connectivity.json files (runs over other priors "
+                        "are merged); no training")
     args = p.parse_args(argv)
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
+        parts = [json.loads(Path(f).read_text()) for f in args.from_json]
+        results = merge(parts) if len(parts) > 1 else parts[0]
         out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "connectivity.json").write_text(json.dumps(results, indent=1))
         figure(results, out / "connectivity.png")
-        write_markdown(results, out / "connectivity.md", "connectivity.png", results["wall_seconds"],
-                       results["command"], results["machine"])
+        write_markdown(results, out / "connectivity.md", "connectivity.png")
         return
     if args.seeds < 2:
         p.error("--seeds: at least 2 (a path needs two endpoints)")
@@ -328,8 +404,7 @@ def main(argv: list[str] | None = None) -> None:
                           f"torch thread(s), torch {torch.__version__}, Python {platform.python_version()}")
     (out / "connectivity.json").write_text(json.dumps(results, indent=1))
     figure(results, out / "connectivity.png")
-    write_markdown(results, out / "connectivity.md", "connectivity.png", wall, results["command"],
-                   results["machine"])
+    write_markdown(results, out / "connectivity.md", "connectivity.png")
     print(f"wrote {out / 'connectivity.md'} in {wall / 60:.1f} min", flush=True)
 
 
