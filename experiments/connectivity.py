@@ -237,19 +237,22 @@ def runs_of(results: dict) -> list[dict]:
     """The runs behind a results file: ``command``, ``wall_seconds``, ``machine``, ``priors``."""
     if "runs" in results:
         return results["runs"]
-    return [{k: results[k] for k in ("command", "wall_seconds", "machine")} | {"priors": results["config"]["priors"]}]
+    return [{k: results[k] for k in ("command", "wall_seconds", "machine")}
+            | {"priors": results["config"]["priors"], "widths": results["config"]["widths"]}]
 
 
 def merge(parts: list[dict]) -> dict:
-    """Results of several runs over other priors (same widths, seeds and settings) as one."""
+    """Results of several runs over other priors or widths (same seeds and settings) as one."""
     first = parts[0]["config"]
-    same = ("widths", "methods", "seeds", "seed0", "epochs", "lr", "batch_size", "grid", "train_eval")
+    same = ("methods", "seeds", "seed0", "epochs", "lr", "batch_size", "grid", "train_eval")
     for part in parts[1:]:
         diff = [k for k in same if part["config"][k] != first[k]]
         if diff:
-            raise SystemExit(f"error: --from-json: runs differ in {diff}; allowed: runs that differ only in --priors")
+            raise SystemExit(f"error: --from-json: runs differ in {diff}; allowed: runs that differ only in "
+                             "--priors and --widths")
     priors = [p for p in PRIORS if any(p in part["config"]["priors"] for part in parts)]
-    config = dict(first, priors=priors)
+    widths = sorted({w for part in parts for w in part["config"]["widths"]})
+    config = dict(first, priors=priors, widths=widths)
     config["gauss_weight_decay"] = next((part["config"]["gauss_weight_decay"] for part in parts
                                          if "gauss" in part["config"]["priors"]), first["gauss_weight_decay"])
     return {"config": config, "records": [r for part in parts for r in part["records"]],
@@ -284,9 +287,11 @@ def findings(results: dict) -> list[str]:
                    "ψ(½) ≈ √2·θ_A, and a two-layer ReLU net with every weight and bias scaled by √2 has "
                    "its logits scaled by about 2 (exactly 2 without the output bias) — nearly the same "
                    "predictions, over-confident probabilities.")
-    if {"none", "dropout"} <= set(priors) and "Linear" in cfg["methods"]:
-        cells = [f"h = {w}: {mean[('none', 'Linear', w)]:.2f} vs {mean[('dropout', 'Linear', w)]:.2f}" for w in widths]
-        out.append("- Dropout 0.5 vs no prior, Linear (points): " + "; ".join(cells) + ".")
+    for prior in [p for p in priors if p != "none"]:
+        if "none" not in priors or "Linear" not in cfg["methods"]:
+            break
+        cells = [f"h = {w}: {mean[('none', 'Linear', w)]:.2f} vs {mean[(prior, 'Linear', w)]:.2f}" for w in widths]
+        out.append(f"- {PRIOR_TITLES[prior]} vs no prior, Linear (points): " + "; ".join(cells) + ".")
     if "none" in priors and "Linear" in cfg["methods"]:
         common = [w for w in widths if w in SEED_WIDTHS]
         cells = [f"h = {w}: {mean[('none', 'Linear', w)]:.2f} (seed {SEED_TABLE['Linear'][SEED_WIDTHS.index(w)]:g})"
@@ -349,7 +354,8 @@ def write_markdown(results: dict, out: Path, figure_name: str) -> None:
               "`lightning fit --config connectivity_bezier.yaml` trains one).",
               ]
     for run in runs:
-        parts.append(f"- Run ({', '.join(PRIOR_TITLES[p] for p in run['priors'])}): `{run['command']}` — "
+        parts.append(f"- Run ({', '.join(PRIOR_TITLES[p] for p in run['priors'])}; widths "
+                     f"{', '.join(str(w) for w in run['widths'])}): `{run['command']}` — "
                      f"{run['wall_seconds'] / 60:.1f} min wall (training, alignment and evaluation) on {run['machine']}.")
     if len(runs) > 1:
         parts.append("- Merged into this page with `python experiments/connectivity.py --from-json <the runs' "
