@@ -271,12 +271,14 @@ def findings(results: dict) -> list[str]:
         if "Linear" not in cfg["methods"] or not aligned:
             break
         cells = []
-        for w in (widths[0], widths[-1]):
+        have = [w for w in widths if summarize(results, p, "Linear", w)[2]]
+        for w in (have[0], have[-1]):
             best = min(aligned, key=lambda m: mean[(p, m, w)])
             cells.append(f"h = {w}: Linear {mean[(p, 'Linear', w)]:.2f} → {best} {mean[(p, best, w)]:.2f}")
         out.append(f"- Alignment, {PRIOR_TITLES[p]}: " + "; ".join(cells) + " points.")
     if {"Linear", "Arc"} <= set(cfg["methods"]):
-        diffs = [(mean[(p, "Linear", w)] - mean[(p, "Arc", w)], p, w) for p in priors for w in widths]
+        diffs = [(mean[(p, "Linear", w)] - mean[(p, "Arc", w)], p, w) for p in priors for w in widths
+                 if summarize(results, p, "Arc", w)[2]]
         lower = sum(d > 0 for d, _, _ in diffs)
         big = max(diffs, key=lambda d: abs(d[0]))
         out.append(f"- Arc vs Linear without alignment: the arc has the lower max accuracy loss in {lower} of "
@@ -290,7 +292,8 @@ def findings(results: dict) -> list[str]:
     for prior in [p for p in priors if p != "none"]:
         if "none" not in priors or "Linear" not in cfg["methods"]:
             break
-        cells = [f"h = {w}: {mean[('none', 'Linear', w)]:.2f} vs {mean[(prior, 'Linear', w)]:.2f}" for w in widths]
+        cells = [f"h = {w}: {mean[('none', 'Linear', w)]:.2f} vs {mean[(prior, 'Linear', w)]:.2f}" for w in widths
+                 if summarize(results, prior, "Linear", w)[2] and summarize(results, "none", "Linear", w)[2]]
         out.append(f"- {PRIOR_TITLES[prior]} vs no prior, Linear (points): " + "; ".join(cells) + ".")
     if "none" in priors and "Linear" in cfg["methods"]:
         common = [w for w in widths if w in SEED_WIDTHS]
@@ -349,7 +352,8 @@ def write_markdown(results: dict, out: Path, figure_name: str) -> None:
               + (f" (λ = {cfg['gauss_weight_decay']} as Adam's coupled L2)" if "gauss" in cfg["priors"] else "") + ".",
               f"- Widths: {', '.join(str(w) for w in cfg['widths'])}."
               + (f" The seed also has {', '.join(str(w) for w in left_out)}; left out to keep the run within "
-                 "the time of this machine." if left_out else ""),
+                 "the time of this machine." if left_out else "")
+              + " A cell with — was not run (the runs below say which widths and priors each covered).",
               "- No curve was trained for the table (curve training is optional per method; "
               "`lightning fit --config connectivity_bezier.yaml` trains one).",
               ]

@@ -64,9 +64,28 @@ def test_lightning_fit_offline_config_writes_tensorboard_events(tmp_path):
     assert (events[0].parent / "config.yaml").exists()
 
 
+def _endpoint_checkpoints(tmp_path: Path) -> list[str]:
+    """Two small checkpoints for configs that connect trained networks (connectivity_bezier.yaml)."""
+    import torch
+
+    from models import MarginClassifier
+
+    args = []
+    for key in ("a", "b"):
+        m = MarginClassifier(num_classes=10, input_shape=(1, 8, 8), backbone="mlp", backbone_kwargs={"width": 8})
+        torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, tmp_path / f"{key}.ckpt")
+        args.append(f"--model.init_args.checkpoint_{key}={tmp_path / f'{key}.ckpt'}")
+    return args
+
+
+# configs whose model reads files another config writes: instantiated with stand-ins for them
+NEEDS_CHECKPOINTS = {"connectivity_bezier.yaml"}
+
+
 @pytest.mark.parametrize("name", packaged_configs())
-def test_every_packaged_config_parses_and_instantiates(name):
-    cli = build_cli(["--config", resolve_config(name), "--trainer.logger=false"], run=False)
+def test_every_packaged_config_parses_and_instantiates(name, tmp_path):
+    extra = _endpoint_checkpoints(tmp_path) if name in NEEDS_CHECKPOINTS else []
+    cli = build_cli(["--config", resolve_config(name), "--trainer.logger=false", *extra], run=False)
     assert cli.model.hparams.num_classes == cli.datamodule.num_classes
 
 
