@@ -294,7 +294,8 @@ def findings(results: dict) -> list[str]:
             break
         cells = [f"h = {w}: {mean[('none', 'Linear', w)]:.2f} vs {mean[(prior, 'Linear', w)]:.2f}" for w in widths
                  if summarize(results, prior, "Linear", w)[2] and summarize(results, "none", "Linear", w)[2]]
-        out.append(f"- {PRIOR_TITLES[prior]} vs no prior, Linear (points): " + "; ".join(cells) + ".")
+        title = PRIOR_TITLES[prior][0].upper() + PRIOR_TITLES[prior][1:]
+        out.append(f"- {title} vs no prior, Linear (points): " + "; ".join(cells) + ".")
     if "none" in priors and "Linear" in cfg["methods"]:
         common = [w for w in widths if w in SEED_WIDTHS]
         cells = [f"h = {w}: {mean[('none', 'Linear', w)]:.2f} (seed {SEED_TABLE['Linear'][SEED_WIDTHS.index(w)]:g})"
