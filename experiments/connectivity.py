@@ -227,7 +227,7 @@ def figure(results: dict, path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("hidden width h")
         ax.set_ylabel("max accuracy loss along the path (points)")
-        ax.set_title(f"Fashion-MNIST, MLP 784→h→10, {PRIOR_TITLES[prior]}")
+        ax.set_title(f"Fashion-MNIST, MLP 784→h→10\n{PRIOR_TITLES[prior]}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.savefig(path, dpi=110)
