@@ -91,8 +91,8 @@ def test_lightning_fit_trains_a_bezier_curve_better_than_the_line(tmp_path, monk
               "--model.init_args.lr_scheduler.init_args.T_max=4", "--model.init_args.backbone_kwargs.width=16",
               "--boosting.run_dir=ends", *quiet])
         main(["fit", "--config", "connectivity_bezier.yaml", "--trainer.max_epochs=3",
-              "--model.init_args.checkpoint_a=ends/round_0/member.ckpt",
-              "--model.init_args.checkpoint_b=ends/round_1/member.ckpt", "--model.init_args.grid_points=5",
+              "--model.init_args.checkpoint_a=ends/round_1/member.ckpt",
+              "--model.init_args.checkpoint_b=ends/round_2/member.ckpt", "--model.init_args.grid_points=5",
               "--trainer.logger.init_args.save_dir=logs", *quiet])
     finally:
         torch.set_num_threads(threads)
