@@ -191,10 +191,6 @@ class HessianOperator:
             batch = batch_to(as_batch(raw), self.device, self.dtype)
             yield batch_len(batch), self.flatten(self._batch_hvp(batch, tangents), k)
 
-    def release(self) -> None:
-        """Free the kept gradient graphs (they are rebuilt on the next product)."""
-        self._graphs = None
-
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`H v` for ``v [P]`` or a block ``[k, P]``."""
         single = v.ndim == 1
