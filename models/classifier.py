@@ -149,11 +149,21 @@ class MarginClassifier(L.LightningModule):
             self.head.check_gaps(gaps)
 
     def log_train_metrics(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
-        """Accumulate loss, accuracy and mean margin; synchronised once per epoch."""
+        """Accumulate loss, accuracy and mean margin; synchronised once per epoch.
+
+        The metric objects are handed to ``self.log`` at the epoch's first step only: Lightning
+        keeps the reference and calls ``compute``/``reset`` at the epoch's end, and each ``log``
+        call costs more host time than the update itself.
+        """
         n = y.shape[0]
         self.train_loss.update(loss.detach(), weight=n)
         self.train_acc.update(logits.detach(), y)
         self.train_margin.update(margins(logits.detach(), y))
+        # The fit loop's epoch counter: new at every epoch, every fit and every resumed fit.
+        epoch = (id(self.trainer.fit_loop), self.trainer.fit_loop.epoch_progress.total.started)
+        if self.__dict__.get("_train_metrics_epoch") == epoch:
+            return
+        self.__dict__["_train_metrics_epoch"] = epoch
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
         self.log("train/margin_mean", self.train_margin, on_step=False, on_epoch=True, batch_size=n)

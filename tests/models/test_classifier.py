@@ -55,3 +55,50 @@ def test_channels_last_needs_images_and_stays_traceable():
     model = MarginClassifier(num_classes=3, input_shape=(1, 8, 8), backbone="small_cnn", channels_last=True)
     found = scale_invariant_structure(model)  # torch.fx trace, no example input needed
     assert found["backbone.0.weight"] == ["backbone.1"]
+
+
+class _Recording(MarginClassifier):
+    """Keeps every training batch's loss, logits and labels, per epoch."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen: dict[int, list] = {}
+
+    def log_train_metrics(self, loss, logits, y) -> None:
+        self.seen.setdefault(len(self.epoch_values), []).append((loss.detach(), logits.detach(), y))
+        super().log_train_metrics(loss, logits, y)
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        keys = ("train/loss", "train/acc", "train/margin_mean")
+        self.epoch_values.append({k: float(self.trainer.callback_metrics[k]) for k in keys})
+
+
+def _margins_by_hand(logits, y):
+    true = logits.gather(1, y[:, None])[:, 0]
+    others = logits.scatter(1, y[:, None], float("-inf"))
+    return true - others.max(1).values
+
+
+def _by_hand(batches) -> dict[str, float]:
+    n = sum(len(y) for _, _, y in batches)
+    return {"train/loss": float(sum(loss * len(y) for loss, _, y in batches) / n),
+            "train/acc": float(sum((lg.argmax(1) == y).sum() for _, lg, y in batches) / n),
+            "train/margin_mean": float(torch.cat([_margins_by_hand(lg, y) for _, lg, y in batches]).mean())}
+
+
+def test_epoch_metrics_equal_the_batches_by_hand_every_epoch_and_fit():
+    """The metric objects are registered with ``self.log`` once per epoch; the logged values must
+    still be each epoch's own (reset between epochs and between fits), not a running total."""
+    model = _Recording(num_classes=10, input_shape=(1, 8, 8), backbone="mlp", backbone_kwargs={"width": 16})
+    model.epoch_values = []
+    kwargs = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                  accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=0, limit_train_batches=4)
+    L.Trainer(max_epochs=2, **kwargs).fit(model, DigitsDataModule(batch_size=32))
+    L.Trainer(max_epochs=1, **kwargs).fit(model, DigitsDataModule(batch_size=16))  # a second fit, same model
+    assert len(model.epoch_values) == 3
+    for epoch, logged in enumerate(model.epoch_values):
+        assert len(model.seen[epoch]) == 4
+        expected = _by_hand(model.seen[epoch])
+        for key, value in expected.items():
+            assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (epoch, key)
