@@ -10,6 +10,9 @@ import torch
 from torch import Tensor
 
 from marginboost.distributed import gather_by_index
+from marginboost.errors import check_bool
+from marginboost.per_sample import collect_logits
+from models.losses import margins as margins_from_logits
 
 from .base import Measurement, MeasurementBatches, SharpnessCallback
 from .functional.margins import collect_margins, margin_summary
@@ -25,8 +28,15 @@ class PerSampleMargins(SharpnessCallback):
     ``<save_dir or trainer.log_dir/margins>/margins_<tag>.pt`` (``tag`` = ``epoch0004``,
     ``fit_end`` or what :meth:`measure_now` was given, e.g. ``round2``).
 
+    Args:
+        keep_logits: also keep the fp32 logits ``[num_train, K]`` of the latest measurement in
+            :attr:`logits` (the boosting orchestrator sets it on a member's callback, to reuse the
+            fit-end pass instead of scoring the training set a second time).
+
     Attributes:
         margins: the latest full margin tensor ``[num_train]`` (CPU), ``None`` before the first.
+        logits: the latest logits ``[num_train, K]`` (CPU) when ``keep_logits``, else ``None``.
+        latest_tag, latest_step: the tag and ``global_step`` of the latest measurement.
         latest_path: where it was saved.
     """
 
@@ -36,20 +46,36 @@ class PerSampleMargins(SharpnessCallback):
 
     def __init__(self, every_n_epochs: int | None = 1, at_fit_end: bool = True, save: bool = True,
                  save_dir: str | None = None, histogram: bool = True, batch_size: int | None = None,
-                 prefix: str | None = None, progress: bool = True) -> None:
+                 prefix: str | None = None, progress: bool = True, keep_logits: bool = False) -> None:
         super().__init__(every_n_epochs=every_n_epochs, at_fit_end=at_fit_end, batch_size=batch_size, prefix=prefix,
                          cache_batches=False, progress=progress)
         self.save, self.save_dir, self.histogram = save, save_dir, histogram
+        self.keep_logits = check_bool(f"{type(self).__name__}.keep_logits", keep_logits)
         self.margins: Tensor | None = None
+        self.logits: Tensor | None = None
+        self.latest_tag: str | None = None
+        self.latest_step: int | None = None
         self.latest_path: str | None = None
 
     def measure(self, pl_module: L.LightningModule, batches: MeasurementBatches) -> dict[str, Any]:
-        if len(batches):
+        self.logits = None
+        if len(batches) and self.keep_logits:
+            logits, y = collect_logits(pl_module, batches, batches.dataset_size)
+            self.logits = logits.detach().cpu()
+            m = margins_from_logits(logits, y)
+        elif len(batches):
             m = collect_margins(pl_module, batches, batches.dataset_size)
-        else:  # more ranks than batches: this rank only joins the gather
+        else:  # more ranks than batches: this rank only joins the gather(s)
             device = pl_module.device
-            m = gather_by_index(torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long, device=device),
-                                batches.dataset_size)
+            empty = (torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long, device=device))
+            if self.keep_logits:  # the same two gathers (logits, labels) as the other ranks
+                num_classes = pl_module.head.weight.shape[0]
+                logits = gather_by_index(torch.zeros(0, num_classes, device=device), empty[1], batches.dataset_size)
+                y = gather_by_index(empty[1], empty[1], batches.dataset_size)
+                self.logits = logits.detach().cpu()
+                m = margins_from_logits(logits, y)
+            else:
+                m = gather_by_index(*empty, batches.dataset_size)
         self.margins = m.detach().cpu()
         out: dict[str, Any] = dict(margin_summary(m))
         if self.histogram:
@@ -58,6 +84,7 @@ class PerSampleMargins(SharpnessCallback):
 
     def on_measured(self, trainer: L.Trainer | None, pl_module: L.LightningModule,
                     results: dict[str, Measurement], tag: str) -> None:
+        self.latest_tag, self.latest_step = tag, (trainer.global_step if trainer is not None else None)
         if not self.save:
             return
         if self.save_dir is not None:

@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from callbacks import SharpnessCallback, margin_summary
+from callbacks import PerSampleMargins, SharpnessCallback, margin_summary
 from marginboost import collect_logits, comm_device, is_distributed
 from marginboost.errors import ConfigError, check_bool, check_int
 from models import margins
@@ -74,6 +74,9 @@ class BoostingConfig:
         seed: the run's seed; member t is seeded with ``member_seed(seed, t)`` (initialisation and
             data order), so runs with different seeds share no member.
         resume: continue the run found in ``run_dir``; ``false`` refuses to touch an existing run.
+        training_margins: score every member on the whole training set (margins, ``M``, the
+            margin summaries and figures). ``null``: when the gap rule needs them, i.e. for every
+            rule but ``NoGapRule``; ``true`` asks for them in a deep ensemble too.
     """
 
     rounds: int = 3
@@ -81,6 +84,7 @@ class BoostingConfig:
     run_dir: str = "runs/boost"
     seed: int = 0
     resume: bool = True
+    training_margins: bool | None = None
 
 
 def member_seed(seed: int, t: int) -> int:
@@ -237,11 +241,13 @@ class BoostingOrchestrator:
             passes the resolved model, data, trainer and boosting fields); a resumed run must
             match it field for field.
         require_existing: ``run_dir`` must already hold a run (``--ckpt_path RUN_DIR``).
+        training_margins: score each member on the training set; ``None``: when the gap rule
+            needs margins (see :class:`BoostingConfig`).
     """
 
     def __init__(self, rounds: int = 3, gap_rule: GapRule | None = None, run_dir: str | Path = "runs/boost",
                  seed: int = 0, resume: bool = True, config_fingerprint: Mapping[str, str] | None = None,
-                 require_existing: bool = False) -> None:
+                 require_existing: bool = False, training_margins: bool | None = None) -> None:
         self.rounds = check_int("boosting.rounds", rounds, low=1)
         if gap_rule is not None and not isinstance(gap_rule, GapRule):
             raise ConfigError("boosting.gap_rule", type(gap_rule).__name__,
@@ -256,7 +262,18 @@ class BoostingOrchestrator:
         self.resume = check_bool("boosting.resume", resume)
         self.config_fingerprint = dict(config_fingerprint or {})
         self.require_existing = require_existing
+        if training_margins is not None:
+            training_margins = check_bool("boosting.training_margins", training_margins)
+            if not training_margins and self.gap_rule.needs_margins:
+                raise ConfigError("boosting.training_margins", False,
+                                  f"true or null with {self.gap_rule!r} (it computes the gaps from the margins)")
+        self.training_margins = training_margins
         self.state: dict[str, Any] | None = None
+
+    @property
+    def scores_training_set(self) -> bool:
+        """Whether each round makes a margin pass over the training set."""
+        return self.gap_rule.needs_margins if self.training_margins is None else self.training_margins
 
     @classmethod
     def from_config(cls, config: BoostingConfig, **overrides) -> BoostingOrchestrator:
@@ -271,9 +288,12 @@ class BoostingOrchestrator:
 
     def fingerprint(self, targets: Tensor) -> dict[str, str]:
         """Every field a resumed run must share with the saved one, as ``{field: json text}``."""
-        return {"data.training_set": json.dumps(training_set_fingerprint(targets), sort_keys=True),
-                "boosting.gap_rule": json.dumps(repr(self.gap_rule)),
-                "boosting.seed": json.dumps(self.seed), **self.config_fingerprint}
+        out = {"data.training_set": json.dumps(training_set_fingerprint(targets), sort_keys=True),
+               "boosting.gap_rule": json.dumps(repr(self.gap_rule)),
+               "boosting.seed": json.dumps(self.seed), **self.config_fingerprint}
+        if self.scores_training_set != self.gap_rule.needs_margins:  # only an explicit choice; M depends on it
+            out["boosting.training_margins"] = json.dumps(self.scores_training_set)
+        return out
 
     def _fresh_state(self, fingerprint: dict[str, str], num_train: int) -> dict[str, Any]:
         return {"version": STATE_VERSION, "rounds_done": 0, "seed": self.seed, "gap_rule": repr(self.gap_rule),
@@ -332,6 +352,7 @@ class BoostingOrchestrator:
         if state["rounds_done"] == self.rounds:
             display.complete(state["rounds_done"], self.run_dir)
         for t in range(state["rounds_done"] + 1, self.rounds + 1):
+            round_started = time.perf_counter()
             seed = member_seed(self.seed, t)
             display.start(t, seed)
             L.seed_everything(seed, workers=True, verbose=False)
@@ -341,6 +362,7 @@ class BoostingOrchestrator:
             trainer = trainer_factory(t, rdir)
             _check_trainer_trains(trainer)
             trainer.callbacks.append(RoundCheckpoint(rdir / LAST_CHECKPOINT.parent))
+            shared = self._shareable_margin_callback(trainer)
             last = rdir / LAST_CHECKPOINT
             started = time.perf_counter()
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
@@ -349,13 +371,15 @@ class BoostingOrchestrator:
             fit_seconds = time.perf_counter() - started
             checkpoint = rdir / MEMBER_FILE
             trainer.save_checkpoint(checkpoint)  # every rank calls it; rank 0 writes
-            train_logits, val_logits, val_y, score_seconds = self._score(model, trainer, datamodule, num_train)
-            train_logits = train_logits.cpu()
-            m = margins(train_logits, targets)
-            state["M"] = state["M"] + m
-            logit_sum = train_logits if state["train_logit_sum"] is None else state["train_logit_sum"] + train_logits
-            state["train_logit_sum"] = logit_sum
-            ensemble_m = margins(logit_sum, targets)
+            train_logits, val_logits, val_y, score_seconds = self._score(model, trainer, datamodule, num_train, shared)
+            m = ensemble_m = None
+            if train_logits is not None:
+                train_logits = train_logits.cpu()
+                m = margins(train_logits, targets)
+                state["M"] = state["M"] + m
+                logit_sum = train_logits if state["train_logit_sum"] is None else state["train_logit_sum"] + train_logits
+                state["train_logit_sum"] = logit_sum
+                ensemble_m = margins(logit_sum, targets)
             gaps = self.gap_rule(state["M"], t)
             assert_identical_across_ranks(gaps, "gaps")
             datamodule.set_gaps(gaps)
@@ -365,8 +389,8 @@ class BoostingOrchestrator:
             relative = str(checkpoint.relative_to(self.run_dir))
             record = {"round": t, "seed": seed, "checkpoint": relative, "fit_seconds": fit_seconds,
                       "score_seconds": score_seconds, **metrics,
-                      "member_train_margin": margin_summary(m),
-                      "ensemble_train_margin": margin_summary(ensemble_m),
+                      "member_train_margin": None if m is None else margin_summary(m),
+                      "ensemble_train_margin": None if ensemble_m is None else margin_summary(ensemble_m),
                       "gap": margin_summary(gaps), "sharpness": member_sharpness(trainer)}
             state["members"].append({"round": t, "seed": seed, "checkpoint": relative,
                                      "class_path": _class_path(model)})
@@ -374,6 +398,7 @@ class BoostingOrchestrator:
             state["rounds_done"] = t
             self._commit(state, m)
             self._publish(state, targets)
+            self._record_round_time(state, time.perf_counter() - round_started)
             display.end(state["history"])
         return self.summary(state)
 
@@ -386,22 +411,66 @@ class BoostingOrchestrator:
                           "NoGapRule for this head (it has no fixed logit scale), or a head that takes "
                           "gaps: margin, l2_softmax, cosface, arcface", describe=True)
 
-    def _score(self, model: L.LightningModule, trainer: L.Trainer, datamodule, num_train: int):
-        """Training-set and validation logits of the finished member, on the training device."""
+    def _shareable_margin_callback(self, trainer: L.Trainer) -> PerSampleMargins | None:
+        """An attached ``PerSampleMargins`` whose fit-end pass can stand in for the round's own.
+
+        It must measure the whole training set at fit end; on one process only, because under DDP
+        each rank measures with its own BN statistics, while the round scores with rank 0's.
+        """
+        if not self.scores_training_set or is_distributed():
+            return None
+        for callback in trainer.callbacks:
+            if isinstance(callback, PerSampleMargins) and callback.at_fit_end and callback.num_batches is None:
+                callback.keep_logits = True
+                return callback
+        return None
+
+    def _score(self, model: L.LightningModule, trainer: L.Trainer, datamodule, num_train: int,
+               shared: PerSampleMargins | None = None):
+        """Training-set (``None`` when not scored) and validation logits of the finished member.
+
+        The training-set logits come from ``shared``'s fit-end measurement when it measured the
+        final weights (one pass per round), else from a pass of their own, on the training device.
+        """
         started = time.perf_counter()
         device = trainer.strategy.root_device
         model.to(device)
         broadcast_buffers(model)
-        train_logits, _ = collect_logits(model, datamodule.train_eval_dataloader(), num_train, device)
+        train_logits = None
+        if shared is not None and shared.latest_tag == "fit_end" and shared.latest_step == trainer.global_step \
+                and shared.logits is not None:
+            train_logits = shared.logits
+        elif self.scores_training_set:
+            train_logits, _ = collect_logits(model, datamodule.train_eval_dataloader(), num_train, device)
         val_loader = _sharded(datamodule.val_dataloader())
         val_logits, val_y = collect_logits(model, val_loader, len(val_loader.dataset), device)
         model.cpu()
         return train_logits, val_logits, val_y, time.perf_counter() - started
 
     def summary(self, state: dict[str, Any]) -> dict[str, Any]:
+        timed = [r for r in state["history"] if "round_seconds" in r]
+        fit = sum(r["fit_seconds"] for r in timed)
+        overhead = sum(r["round_seconds"] - r["fit_seconds"] for r in timed) / fit if fit > 0 else None
         return {"rounds": self.rounds, "rounds_done": state["rounds_done"], "seed": self.seed,
                 "gap_rule": state["gap_rule"], "fingerprint": state["fingerprint"],
-                "run_dir": str(self.run_dir), "history": state["history"]}
+                "run_dir": str(self.run_dir), "overhead": overhead, "history": state["history"]}
+
+    def _record_round_time(self, state: dict[str, Any], round_seconds: float) -> None:
+        """The round's wall time and ``overhead`` = (round − fit) / fit, saved with the state.
+
+        Measured after the commit and the publishing, so it covers everything a round does
+        besides ``fit``: building the member and its trainer, saving it, scoring, the ensemble
+        metrics, the state and the logs. (A run that dies right here keeps the round without them.)
+        """
+        record = state["history"][-1]
+        record["round_seconds"] = round_seconds
+        record["overhead"] = (round_seconds - record["fit_seconds"]) / record["fit_seconds"]
+        self._save_state_and_summary(state)
+
+    @rank_zero_only
+    def _save_state_and_summary(self, state: dict[str, Any]) -> None:
+        save_atomic(state, self.state_path)
+        save_atomic(self.summary(state), self.run_dir / SUMMARY_FILE)
 
     @rank_zero_only
     def _commit(self, state: dict[str, Any], member_margins: Tensor) -> None:
@@ -426,7 +495,9 @@ class BoostingOrchestrator:
         logged = json.loads(marker.read_text())["round"] if marker.is_file() else 0
         if logged < t:
             member_margins = torch.load(round_dir(self.run_dir, t) / "margins.pt", weights_only=True)["member_margins"]
-            _log_round(self.run_dir / "ensemble", state, member_margins, margins(state["train_logit_sum"], targets))
+            logit_sum = state["train_logit_sum"]
+            _log_round(self.run_dir / "ensemble", state, member_margins,
+                       None if logit_sum is None else margins(logit_sum, targets))
             save_atomic({"round": t}, marker)
         summary_path = self.run_dir / SUMMARY_FILE
         summary = self.summary(state)
@@ -442,7 +513,8 @@ def _check_trainer_trains(trainer: L.Trainer) -> None:
         raise ConfigError("trainer.max_steps", 0, "-1 or an integer >= 1 under boosting (each member must train)")
 
 
-def _log_round(log_dir: Path, state: dict[str, Any], member_margins: Tensor, ensemble_margins: Tensor) -> None:
+def _log_round(log_dir: Path, state: dict[str, Any], member_margins: Tensor | None,
+               ensemble_margins: Tensor | None) -> None:
     """Scalars (step = round), margin and gap histograms, and the ensemble-margin figure."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -453,17 +525,19 @@ def _log_round(log_dir: Path, state: dict[str, Any], member_margins: Tensor, ens
             writer.add_scalar(f"ensemble/{key}", record[key], step)
         for key in ("acc", "nll", "ece", "brier"):
             writer.add_scalar(f"member/{key}", record[f"member_{key}_{step}"], step)
+        writer.add_scalar("gaps/mean", record["gap"]["mean"], step)
+        for key, value in record["sharpness"].items():
+            writer.add_scalar(f"member/{key}", value, step)
+        writer.add_histogram("gaps/values", state["gaps"], step)
+        if ensemble_margins is None:  # the training set was not scored (boosting.training_margins)
+            return
         for key, value in record["member_train_margin"].items():
             writer.add_scalar(f"member/train_margin_{key}", value, step)
         for key, value in record["ensemble_train_margin"].items():
             writer.add_scalar(f"ensemble/train_margin_{key}", value, step)
-        writer.add_scalar("gaps/mean", record["gap"]["mean"], step)
-        for key, value in record["sharpness"].items():
-            writer.add_scalar(f"member/{key}", value, step)
         writer.add_histogram("margins/member", member_margins, step)
         writer.add_histogram("margins/ensemble", ensemble_margins, step)
         writer.add_histogram("margins/cumulative", state["M"], step)
-        writer.add_histogram("gaps/values", state["gaps"], step)
         writer.add_figure("margins/ensemble_by_round", _margin_figure(state["history"], ensemble_margins), step)
 
 

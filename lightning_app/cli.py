@@ -64,8 +64,9 @@ RESULT_TRAINER_FIELDS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "
 # Data fields that only change how data is delivered, not which samples or how they are augmented.
 FREE_DATA_FIELDS = ("num_workers", "pin_memory", "persistent_workers", "data_dir", "download")
 # Boosting fields outside the fingerprint: where the run lives, whether to resume, and the number of
-# rounds (raising it extends a run); the gap rule and seed are compared by the orchestrator itself.
-FREE_BOOSTING_FIELDS = ("run_dir", "resume", "rounds", "gap_rule", "seed")
+# rounds (raising it extends a run); the gap rule, seed and training_margins are compared by the
+# orchestrator itself.
+FREE_BOOSTING_FIELDS = ("run_dir", "resume", "rounds", "gap_rule", "seed", "training_margins")
 
 
 def result_fingerprint(config) -> dict[str, str]:

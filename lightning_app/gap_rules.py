@@ -20,7 +20,14 @@ class GapRule:
     Args:
         g_min: lower clip of the gaps (``None``: no lower clip).
         g_max: upper clip of the gaps (``None``: no upper clip).
+
+    Attributes:
+        needs_margins: whether :meth:`compute` reads ``M``. A rule that does not (``NoGapRule``)
+            spares the orchestrator the margin pass over the training set each round, unless
+            ``boosting.training_margins`` asks for it.
     """
+
+    needs_margins = True
 
     def __init__(self, g_min: float | None = None, g_max: float | None = None) -> None:
         if g_min is not None:
@@ -86,6 +93,8 @@ class TargetGapRule(GapRule):
 
 class NoGapRule(GapRule):
     """``g = 0``: independent members, the deep-ensemble baseline (``deep_ensemble.yaml``)."""
+
+    needs_margins = False
 
     def compute(self, cumulative_margins: Tensor, rounds_done: int) -> Tensor:
         return torch.zeros_like(cumulative_margins)
