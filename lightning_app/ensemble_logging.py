@@ -33,6 +33,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch import Tensor
 
@@ -311,3 +312,22 @@ class EnsembleLogger:
         writer.add_histogram("gaps/values", saved["gaps"], t)
         for name, fig in round_figures(data, t, limits).items():
             writer.add_image(f"figures/{name}", figure_to_array(fig), t, dataformats="HWC")
+
+
+class DefaultLearningRateMonitor(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor`` (``lr-<Optimizer>`` per epoch, or per step with a step
+    scheduler), added to every ``lightning fit`` trainer by default: silent when the run has no logger
+    (where the plain callback would stop the run)."""
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._enabled = bool(trainer.loggers)
+        if self._enabled:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self._enabled:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self._enabled:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
