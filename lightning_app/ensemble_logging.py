@@ -156,16 +156,20 @@ def default_ensemble_logger(run_dir: str | Path) -> TensorBoardLogger:
 
 
 def _csv_logger(run_dir: Path) -> CSVLogger:
-    """``run_dir/ensemble/csv/metrics.csv``, appended to by every process of the run."""
-    with warnings.catch_warnings():  # "directory exists and is not empty": a resumed run appends
+    """``run_dir/ensemble/csv/metrics.csv``, continued by every process of the run.
+
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; a resumed run must
+    keep the rounds logged before, so the file is read first and written back under the writer.
+    """
+    logger = CSVLogger(save_dir=str(run_dir / ENSEMBLE_DIR), name="csv", version="")
+    path = Path(logger.log_dir) / "metrics.csv"
+    previous = path.read_text() if path.is_file() else None
+    with warnings.catch_warnings():  # "... will be deleted": not this file, it is restored below
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-        logger = CSVLogger(save_dir=str(run_dir / ENSEMBLE_DIR), name="csv", version="")
-        existing = Path(logger.log_dir) / "metrics.csv"
-        if existing.is_file():
-            # Lightning rewrites the file with only the keys logged by *this* process otherwise
-            with open(existing, newline="") as f:
-                header = next(csv.reader(f), [])
-            logger.experiment.metrics_keys = sorted(header)
+        writer = logger.experiment
+    if previous:
+        path.write_text(previous)
+        writer.metrics_keys = sorted(next(csv.reader(previous.splitlines()), []))
     return logger
 
 
@@ -201,8 +205,9 @@ def _hparams_from_state(state: Mapping[str, Any], rounds: int) -> dict[str, Any]
 def load_figure_data(run_dir: str | Path, state: Mapping[str, Any], targets: Tensor | None = None) -> RunFigureData:
     """The figures' data of the committed rounds, from ``round_<t>/margins.pt`` and ``state``.
 
-    A ``margins.pt`` saved before ensemble margins were kept lacks them; the last round's are then
-    recomputed from ``state``'s summed training logits when ``targets`` (training labels) are given.
+    A ``margins.pt`` saved before ensemble margins were kept lacks them: round 1's are member 1's
+    margins (one member is its own ensemble), the last round's are recomputed from ``state``'s summed
+    training logits when ``targets`` (training labels) are given, other rounds get no curve.
     """
     normalised, gaps = {}, {}
     for t in range(1, state["rounds_done"] + 1):
@@ -210,6 +215,8 @@ def load_figure_data(run_dir: str | Path, state: Mapping[str, Any], targets: Ten
         gaps[t] = saved["gaps"]
         if "ensemble_margins" in saved:
             normalised[t] = saved["ensemble_margins"] / t
+        elif t == 1:
+            normalised[t] = saved["member_margins"]
         elif t == state["rounds_done"] and targets is not None and state.get("train_logit_sum") is not None:
             normalised[t] = margins(state["train_logit_sum"], targets) / t
     return RunFigureData(normalised_margins=normalised, gaps=gaps, history=list(state["history"]),
@@ -222,9 +229,6 @@ def figure_limits(run_dir: str | Path, data: RunFigureData, rounds: int,
     path = Path(run_dir) / ENSEMBLE_DIR / LIMITS_FILE
     if path.is_file():
         return FigureLimits.load(path)
-    if 1 not in data.normalised_margins:
-        # round 1's ensemble margins were not kept (an older run): its member margins are the same
-        raise FileNotFoundError(f"{round_dir(run_dir, 1) / 'margins.pt'} holds no ensemble margins")
     limits = FigureLimits.from_round_one(data.normalised_margins[1], data.gaps[1], data.history[0], rounds,
                                          gap_bounds)
     if save:
