@@ -13,13 +13,17 @@ left alone):
 
 **Fixed axes.** Scrubbing through rounds in TensorBoard only compares something if every round's
 image has the same axes. :class:`FigureLimits` is computed once, from round 1, and stored with the
-run (``ensemble/figure_limits.json``): the normalised margin axis is round 1's range padded by a
-quarter of its span (the normalised ensemble margin of round t is a margin of the *mean* member
-logit, so later rounds stay on round 1's scale); the gap axis is the gap rule's ``[g_min, g_max]``
-where both are set, else round 1's padded range; the accuracy axis runs from
-``1 − 3·(1 − worst round-1 accuracy)`` to 1 and the NLL axis from 0 to 3× the worst round-1 NLL;
-the round axis spans the configured rounds. Values a later round puts outside the view are not
-hidden silently: the margin and gap figures state the share of objects outside.
+run (``ensemble/figure_limits.json``):
+
+* normalised margins: round 1's range (its 0.1% and 99.9% quantiles, and 0) padded by a tenth of
+  its span. The normalised ensemble margin of round t is a margin of the *mean* member logit, so
+  later rounds stay on round 1's scale;
+* gaps: the gap rule's ``[g_min, g_max]`` where both are set, else round 1's padded range;
+* accuracy: from ``1 − 3·(1 − worst round-1 accuracy)`` to 1; NLL: from 0 to 3× the worst
+  round-1 NLL; rounds: ``1..T`` with T the configured rounds.
+
+Values a later round puts outside the view are not hidden silently: the margin and gap figures
+state the share of objects outside.
 """
 
 from __future__ import annotations
@@ -69,8 +73,9 @@ class FigureLimits:
     def from_round_one(cls, normalised_margins: Tensor, gaps: Tensor, record: Mapping[str, Any], rounds: int,
                        gap_bounds: tuple[float | None, float | None] = (None, None)) -> FigureLimits:
         """Limits from round 1's data: its normalised ensemble margins, gaps and summary record."""
-        m = normalised_margins.double()
-        margin = nice_range(min(m.min().item(), 0.0), max(m.max().item(), 0.0))
+        # the 0.1% and 99.9% quantiles, not min and max: one badly fit object would squash the view
+        lo, hi = torch.quantile(normalised_margins.double(), torch.tensor([0.001, 0.999], dtype=torch.float64)).tolist()
+        margin = nice_range(min(lo, 0.0), max(hi, 0.0), pad=0.1)
         g_min, g_max = gap_bounds
         if g_min is not None and g_max is not None and g_max > g_min:
             # a little room beyond the bounds, so the jumps of clipped gaps stay visible
