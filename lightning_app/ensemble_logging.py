@@ -35,6 +35,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from models import margins
@@ -111,7 +112,7 @@ def write_tensorboard_hparams(logger: TensorBoardLogger, params: Mapping[str, An
     """
     from torch.utils.tensorboard.summary import hparams
 
-    params = logger._sanitize_params(dict(params))
+    params = {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items()}
     exp, ssi, sei = hparams(params, {tag: 0.0 for tag in metric_tags})  # values unused: names only
     writer = logger.experiment._get_file_writer()
     for summary in (exp, ssi, sei):
@@ -155,22 +156,26 @@ def default_ensemble_logger(run_dir: str | Path) -> TensorBoardLogger:
     return TensorBoardLogger(save_dir=str(run_dir), name=ENSEMBLE_DIR, version="", default_hp_metric=False)
 
 
-def _csv_logger(run_dir: Path) -> CSVLogger:
-    """``run_dir/ensemble/csv/metrics.csv``, continued by every process of the run.
+class RunCSVLogger(CSVLogger):
+    """``CSVLogger`` that continues the ``metrics.csv`` of a run's earlier processes.
 
-    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; a resumed run must
-    keep the rounds logged before, so the file is read first and written back under the writer.
+    Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; a resumed boosting
+    run must keep the rounds logged before, so rank 0 reads the file first and writes it back
+    under the new writer, whose header then starts from the old one.
     """
-    logger = CSVLogger(save_dir=str(run_dir / ENSEMBLE_DIR), name="csv", version="")
-    path = Path(logger.log_dir) / "metrics.csv"
-    previous = path.read_text() if path.is_file() else None
-    with warnings.catch_warnings():  # "... will be deleted": not this file, it is restored below
-        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-        writer = logger.experiment
-    if previous:
-        path.write_text(previous)
-        writer.metrics_keys = sorted(next(csv.reader(previous.splitlines()), []))
-    return logger
+
+    @property
+    def experiment(self):
+        path = Path(self.log_dir) / "metrics.csv"
+        restore = self._experiment is None and rank_zero_only.rank == 0 and path.is_file()
+        previous = path.read_text() if restore else ""
+        with warnings.catch_warnings():  # "... will be deleted": not this file, it is restored below
+            warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+            writer = CSVLogger.experiment.fget(self)
+        if previous:
+            path.write_text(previous)
+            writer.metrics_keys = sorted(next(csv.reader(previous.splitlines()), []))
+        return writer
 
 
 def ensemble_loggers(configured: Sequence[Logger], run_dir: str | Path) -> list[Logger]:
@@ -187,7 +192,7 @@ def ensemble_loggers(configured: Sequence[Logger], run_dir: str | Path) -> list[
         if isinstance(logger, TensorBoardLogger):
             out.append(default_ensemble_logger(run_dir))
         elif isinstance(logger, CSVLogger):
-            out.append(_csv_logger(run_dir))
+            out.append(RunCSVLogger(save_dir=str(run_dir / ENSEMBLE_DIR), name="csv", version=""))
         else:
             out.append(logger)
     return out
