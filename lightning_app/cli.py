@@ -264,7 +264,9 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["report"]:  # `lightning report RUN_DIR`: not a Trainer subcommand
         from .report import main as report_main
 
-        return report_main(argv[1:], prog=f"{Path(sys.argv[0]).name} report")
+        program = Path(sys.argv[0]).name
+        program = "python -m lightning_app" if program == "__main__.py" else program
+        return report_main(argv[1:], prog=f"{program} report")
     argv = resolve_config_args(argv)
     try:
         build_cli(argv)

@@ -141,6 +141,8 @@ class ConfigHyperparameters(L.Callback):
         self.params, self.metric_tags = dict(params), tuple(metric_tags)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":  # validate/test/predict keep Lightning's behaviour
+            return
         pl_module._log_hyperparams = False
         if trainer.datamodule is not None:
             trainer.datamodule._log_hyperparams = False
