@@ -12,6 +12,7 @@ from .boosting import (
 )
 from .cli import MarginBoostCLI, build_cli, main, packaged_configs, resolve_config
 from .ensemble import brier_score, ensemble_metrics
+from .ensemble_logging import EnsembleLogger
 from .gap_predictor import GapPredictor
 from .gap_rules import (
     ClippedGapRule,
@@ -28,6 +29,7 @@ __all__ = [
     "BoostingConfig",
     "BoostingOrchestrator",
     "ClippedGapRule",
+    "EnsembleLogger",
     "EnsemblePredictionWriter",
     "GapPredictor",
     "GapRule",

@@ -44,6 +44,7 @@ from marginboost.errors import ConfigError, check_bool, check_int
 from models import margins
 
 from .ensemble import ensemble_metrics
+from .ensemble_logging import EnsembleLogger
 from .gap_rules import GapRule, MeanGapRule, NoGapRule
 from .run_dir import (
     MEMBER_FILE,
@@ -59,7 +60,6 @@ from .run_dir import (
 
 STATE_VERSION = 2
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-LOGGED_MARKER = "logged_round.json"
 
 
 @dataclass
@@ -243,11 +243,14 @@ class BoostingOrchestrator:
         require_existing: ``run_dir`` must already hold a run (``--ckpt_path RUN_DIR``).
         training_margins: score each member on the training set; ``None``: when the gap rule
             needs margins (see :class:`BoostingConfig`).
+        ensemble_logger: where the ensemble's rounds are logged (:class:`EnsembleLogger`); by default
+            TensorBoard events in ``run_dir/ensemble``.
     """
 
     def __init__(self, rounds: int = 3, gap_rule: GapRule | None = None, run_dir: str | Path = "runs/boost",
                  seed: int = 0, resume: bool = True, config_fingerprint: Mapping[str, str] | None = None,
-                 require_existing: bool = False, training_margins: bool | None = None) -> None:
+                 require_existing: bool = False, training_margins: bool | None = None,
+                 ensemble_logger: EnsembleLogger | None = None) -> None:
         self.rounds = check_int("boosting.rounds", rounds, low=1)
         if gap_rule is not None and not isinstance(gap_rule, GapRule):
             raise ConfigError("boosting.gap_rule", type(gap_rule).__name__,
@@ -268,6 +271,7 @@ class BoostingOrchestrator:
                 raise ConfigError("boosting.training_margins", False,
                                   f"true or null with {self.gap_rule!r} (it computes the gaps from the margins)")
         self.training_margins = training_margins
+        self.ensemble_logger = ensemble_logger or EnsembleLogger()
         self.state: dict[str, Any] | None = None
 
     @property
@@ -385,6 +389,7 @@ class BoostingOrchestrator:
             datamodule.set_gaps(gaps)
             state["gaps"] = gaps.clone()
             state["val_logits"].append(val_logits.cpu())
+            state["val_y"] = val_y.cpu()  # the reliability diagram's labels
             metrics = ensemble_metrics(state["val_logits"], val_y.cpu())
             relative = str(checkpoint.relative_to(self.run_dir))
             record = {"round": t, "seed": seed, "checkpoint": relative, "fit_seconds": fit_seconds,
@@ -396,7 +401,7 @@ class BoostingOrchestrator:
                                      "class_path": _class_path(model)})
             state["history"].append(record)
             state["rounds_done"] = t
-            self._commit(state, m)
+            self._commit(state, m, ensemble_m)
             self._publish(state, targets)
             self._record_round_time(state, time.perf_counter() - round_started)
             display.end(state["history"])
@@ -473,12 +478,12 @@ class BoostingOrchestrator:
         save_atomic(self.summary(state), self.run_dir / SUMMARY_FILE)
 
     @rank_zero_only
-    def _commit(self, state: dict[str, Any], member_margins: Tensor) -> None:
+    def _commit(self, state: dict[str, Any], member_margins: Tensor | None, ensemble_margins: Tensor | None) -> None:
         """Round ``t``'s margins, then ``state.pt`` (the commit point), then drop the round's last.ckpt."""
         rdir = round_dir(self.run_dir, state["rounds_done"])
         rdir.mkdir(parents=True, exist_ok=True)
-        save_atomic({"M": state["M"], "gaps": state["gaps"], "member_margins": member_margins},
-                    rdir / "margins.pt")
+        save_atomic({"M": state["M"], "gaps": state["gaps"], "member_margins": member_margins,
+                     "ensemble_margins": ensemble_margins}, rdir / "margins.pt")
         save_atomic(state, self.state_path)
         (rdir / LAST_CHECKPOINT).unlink(missing_ok=True)
 
@@ -488,17 +493,10 @@ class BoostingOrchestrator:
 
         Idempotent: a run that died between ``state.pt`` and these files gets them on its next start.
         """
-        t = state["rounds_done"]
-        if t == 0:
+        if state["rounds_done"] == 0:
             return
-        marker = self.run_dir / "ensemble" / LOGGED_MARKER
-        logged = json.loads(marker.read_text())["round"] if marker.is_file() else 0
-        if logged < t:
-            member_margins = torch.load(round_dir(self.run_dir, t) / "margins.pt", weights_only=True)["member_margins"]
-            logit_sum = state["train_logit_sum"]
-            _log_round(self.run_dir / "ensemble", state, member_margins,
-                       None if logit_sum is None else margins(logit_sum, targets))
-            save_atomic({"round": t}, marker)
+        self.ensemble_logger.publish(self.run_dir, state, targets, self.rounds,
+                                     (self.gap_rule.g_min, self.gap_rule.g_max))
         summary_path = self.run_dir / SUMMARY_FILE
         summary = self.summary(state)
         if not summary_path.is_file() or json.loads(summary_path.read_text()) != json.loads(json.dumps(summary)):
@@ -511,54 +509,6 @@ def _check_trainer_trains(trainer: L.Trainer) -> None:
         raise ConfigError("trainer.max_epochs", 0, "an integer >= 1 under boosting (each member must train)")
     if trainer.max_steps == 0:
         raise ConfigError("trainer.max_steps", 0, "-1 or an integer >= 1 under boosting (each member must train)")
-
-
-def _log_round(log_dir: Path, state: dict[str, Any], member_margins: Tensor | None,
-               ensemble_margins: Tensor | None) -> None:
-    """Scalars (step = round), margin and gap histograms, and the ensemble-margin figure."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    record, step = state["history"][-1], state["rounds_done"]
-    with SummaryWriter(str(log_dir)) as writer:
-        for key in ("boosted_acc", "boosted_nll", "boosted_ece", "boosted_brier", "deep_acc", "deep_nll", "deep_ece",
-                "deep_brier", "disagreement"):
-            writer.add_scalar(f"ensemble/{key}", record[key], step)
-        for key in ("acc", "nll", "ece", "brier"):
-            writer.add_scalar(f"member/{key}", record[f"member_{key}_{step}"], step)
-        writer.add_scalar("gaps/mean", record["gap"]["mean"], step)
-        for key, value in record["sharpness"].items():
-            writer.add_scalar(f"member/{key}", value, step)
-        writer.add_histogram("gaps/values", state["gaps"], step)
-        if ensemble_margins is None:  # the training set was not scored (boosting.training_margins)
-            return
-        for key, value in record["member_train_margin"].items():
-            writer.add_scalar(f"member/train_margin_{key}", value, step)
-        for key, value in record["ensemble_train_margin"].items():
-            writer.add_scalar(f"ensemble/train_margin_{key}", value, step)
-        writer.add_histogram("margins/member", member_margins, step)
-        writer.add_histogram("margins/ensemble", ensemble_margins, step)
-        writer.add_histogram("margins/cumulative", state["M"], step)
-        writer.add_figure("margins/ensemble_by_round", _margin_figure(state["history"], ensemble_margins), step)
-
-
-def _margin_figure(history: list[dict[str, Any]], ensemble_margins: Tensor):
-    """Histogram of the boosted ensemble's training margins (normalised by rounds) for each round so far."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    t = len(history)
-    normalised = (ensemble_margins / t).numpy()
-    ax.hist(normalised, bins=60, histtype="step", label=f"{t} member(s)")
-    ax.axvline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel("ensemble margin / rounds (training set)")
-    ax.set_ylabel("objects")
-    ax.set_title(f"boosted ensemble after round {t}: acc {history[-1]['boosted_acc']:.3f}")
-    ax.legend()
-    fig.tight_layout()
-    return fig
 
 
 class _RoundDisplay:

@@ -9,7 +9,12 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import (
+    BasePredictionWriter,
+    LearningRateMonitor,
+    ProgressBar,
+    RichProgressBar,
+)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -18,7 +23,14 @@ from datamodules import GapDataModule
 from marginboost.errors import ConfigError
 
 from .boosted_ensemble import BoostedEnsemble, EnsemblePredictionWriter
-from .boosting import BoostingConfig, BoostingOrchestrator, _check_trainer_trains
+from .boosting import BoostingConfig, BoostingOrchestrator, _check_trainer_trains, member_seed
+from .ensemble_logging import (
+    ConfigHyperparameters,
+    DefaultLearningRateMonitor,
+    EnsembleLogger,
+    ensemble_loggers,
+    hparams_from_config,
+)
 from .run_dir import STATE_FILE, flatten_config, load_state
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -114,9 +126,13 @@ class MarginBoostCLI(LightningCLI):
             return
         if self.subcommand == "fit":
             _check_trainer_trains(self.trainer)
+            overrides = self._run_dir_overrides(ckpt_path)
+            # the ensemble logs to the config's loggers (files re-rooted into the run directory)
+            logger = EnsembleLogger(ensemble_loggers(self.trainer.loggers, overrides.get("run_dir", boosting.run_dir)),
+                                    hparams=self._config_hparams())
             self.orchestrator = BoostingOrchestrator.from_config(
                 boosting, config_fingerprint=result_fingerprint(self.config[self.subcommand]),
-                **self._run_dir_overrides(ckpt_path))
+                ensemble_logger=logger, **overrides)
             self.orchestrator.check_startable()
         else:
             run_dir = self._run_dir_overrides(ckpt_path).get("run_dir", boosting.run_dir)
@@ -124,6 +140,11 @@ class MarginBoostCLI(LightningCLI):
 
     def _boosting(self):
         return self._get(self.config_init, "boosting", default=None)
+
+    def _config_hparams(self) -> dict:
+        """The whole resolved config, flat: the hyperparameters of every run this command logs."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        return {k: v for k, v in hparams_from_config(config).items() if k.split(".")[0] != "config"}
 
     @staticmethod
     def _run_dir_overrides(ckpt_path) -> dict:
@@ -187,9 +208,13 @@ class MarginBoostCLI(LightningCLI):
         init = self._member_init
         config = dict(self._get(init, "trainer", default={}))
         if config.get("logger", True) is not False:
-            config["logger"] = TensorBoardLogger(save_dir=str(round_dir.parent), name=round_dir.name)
+            config["logger"] = TensorBoardLogger(save_dir=str(round_dir.parent), name=round_dir.name,
+                                                 default_hp_metric=False)
         config["default_root_dir"] = str(round_dir)
         extra = [self._get(init, key) for key in self._parser(self.subcommand).callback_keys]
+        boosting = self._boosting()
+        extra.append(ConfigHyperparameters({**self._config_hparams(), "boosting.round": t,
+                                            "boosting.member_seed": member_seed(boosting.seed, t)}))
         return self._instantiate_trainer(config, extra)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
@@ -198,6 +223,11 @@ class MarginBoostCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(
                 isinstance(c, ProgressBar) for c in configured):
             callbacks = [*callbacks, RichProgressBar()]
+        # the learning rate and the whole config as hyperparameters, unless the config brings its own
+        if not any(isinstance(c, LearningRateMonitor) for c in configured):
+            callbacks = [*callbacks, DefaultLearningRateMonitor()]
+        if not any(isinstance(c, ConfigHyperparameters) for c in configured):
+            callbacks = [*callbacks, ConfigHyperparameters(self._config_hparams())]
         return super()._instantiate_trainer(config, callbacks)
 
 
@@ -206,7 +236,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> Marg
     ``model.init_args.optimizer`` / ``lr_scheduler`` (one path, honoured by boosting members too)."""
     kwargs.setdefault("trainer_defaults", {
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                   "init_args": {"save_dir": "runs", "name": "marginboost"}},
+                   "init_args": {"save_dir": "runs", "name": "marginboost", "default_hp_metric": False}},
     })
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     kwargs.setdefault("auto_configure_optimizers", False)
@@ -231,7 +261,14 @@ def user_error(exc: BaseException) -> str | None:
 
 
 def main(args: list[str] | None = None) -> None:
-    argv = resolve_config_args(list(sys.argv[1:] if args is None else args))
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv[:1] == ["report"]:  # `lightning report RUN_DIR`: not a Trainer subcommand
+        from .report import main as report_main
+
+        program = Path(sys.argv[0]).name
+        program = "python -m lightning_app" if program == "__main__.py" else program
+        return report_main(argv[1:], prog=f"{program} report")
+    argv = resolve_config_args(argv)
     try:
         build_cli(argv)
     except Exception as exc:

@@ -5,9 +5,10 @@ A run directory holds (rounds numbered ``1..T``)::
     state.pt                 the resumable state; written last in a round: the commit point
     summary.json             per-round records, rewritten from state.pt (repaired on every start)
     round_<t>/member.ckpt    member t
-    round_<t>/margins.pt     M, gaps and member t's margins after round t
+    round_<t>/margins.pt     M, gaps, member t's and the ensemble's margins after round t
     round_<t>/checkpoints/last.ckpt   Lightning's last checkpoint while round t trains
-    ensemble/                TensorBoard events of the ensemble (step = round)
+    ensemble/                the ensemble's logger output (step = round), logged_round.json,
+                             figure_limits.json (lightning_app.ensemble_logging)
 
 Every file is written to ``<name>.tmp``, flushed, fsync'ed and renamed, then the directory is
 fsync'ed, so a crash leaves either the old or the new file, never a torn one.

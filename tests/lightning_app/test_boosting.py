@@ -104,7 +104,8 @@ def test_orchestrator_feeds_rule_output_into_next_round(tmp_path):
             "ensemble/disagreement", "member/acc"} <= scalars
     assert [e.step for e in acc.Scalars("ensemble/boosted_acc")] == [1, 2]
     assert {"margins/member", "margins/ensemble", "gaps/values"} <= set(acc.Tags()["histograms"])
-    assert "margins/ensemble_by_round" in acc.Tags()["images"]
+    assert {"figures/margin_cdf", "figures/gap_cdf", "figures/reliability", "figures/accuracy_nll"} <= set(
+        acc.Tags()["images"])
     # each member's fit-end sharpness lands in its round record and in the ensemble's events
     width = summary["history"][1]["sharpness"]
     assert width and all(k.startswith("width/") for k in width)

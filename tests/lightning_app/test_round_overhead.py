@@ -53,6 +53,14 @@ def test_deep_ensemble_scores_no_training_margins_unless_asked(tmp_path, trainin
     assert all(r["member_train_margin"] is None and r["ensemble_train_margin"] is None for r in summary["history"])
     assert state["train_logit_sum"] is None and torch.equal(state["M"], torch.zeros(96))
     assert torch.equal(state["gaps"], torch.zeros(96))
+    # Its dashboard has the gap figure and the validation scalars, and no margin figure or scalars.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "deep" / "ensemble")).Reload()
+    images, scalars = events.Tags()["images"], events.Tags()["scalars"]
+    assert "figures/gap_cdf" in images and "figures/margin_cdf" not in images
+    assert [e.step for e in events.Scalars("ensemble/boosted_acc")] == [1, 2]
+    assert not any("train_margin" in tag for tag in scalars)
 
     asked, asked_state = _run(tmp_path, "deep_scored", NoGapRule(), training_margins=True)
     assert training_passes == [96, 96]  # one pass per round
