@@ -126,7 +126,10 @@ def _outside(values: Tensor, lim: tuple[float, float]) -> float:
 
 def _cdf_figure(curves: Sequence[tuple[int, Tensor]], xlim: tuple[float, float], rounds: int, xlabel: str,
                 title: str, zero_line: bool) -> Figure:
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    fig = Figure(figsize=(6.4, 4.0))
+    # A fixed layout (not "constrained"): the plot area stays put from round to round, and the
+    # layout solver would cost a third of the drawing time, every round.
+    fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.85)
     ax = fig.add_subplot()
     rounds = max(rounds, max((t for t, _ in curves), default=1))
     for t, values in curves:
@@ -222,7 +225,8 @@ def reliability_figure(member_logits: Sequence[Tensor], y: Tensor, n_bins: int =
         y: ``[N]`` validation labels.
     """
     boosted, deep = ensemble_probabilities(member_logits)
-    fig = Figure(figsize=(5.2, 4.8), layout="constrained")
+    fig = Figure(figsize=(5.2, 4.8))
+    fig.subplots_adjust(left=0.13, right=0.96, bottom=0.11, top=0.92)
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="0.5", lw=0.8, ls="--", label="perfect calibration")
     for name, probs, color in (("boosted", boosted, "C0"), ("deep", deep, "C1")):
@@ -250,7 +254,8 @@ def rounds_figure(history: Sequence[Mapping[str, Any]], limits: FigureLimits) ->
         history: the run's round records (``summary.json``'s ``history``), rounds ``1..t``.
         limits: the run's fixed axes.
     """
-    fig = Figure(figsize=(8.0, 3.6), layout="constrained")
+    fig = Figure(figsize=(8.0, 3.6))
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.88, wspace=0.25)
     rounds = [rec["round"] for rec in history]
     last = max(limits.rounds, max(rounds, default=1))
     for i, (metric, label, ylim) in enumerate((("acc", "accuracy", limits.accuracy), ("nll", "NLL", limits.nll))):
