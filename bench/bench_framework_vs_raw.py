@@ -6,8 +6,10 @@ synthetic CIFAR-shaped uint8 data held on the device and augmented there
 progress bar, checkpointing and model summary off; the module's epoch-level metrics on, as users
 run it) against ``zero_grad / forward / loss / backward / step``. Steady-state throughput is timed
 after ``--warmup`` steps (compilation, cuDNN autotuning and allocator warm-up excluded); the
-setup cost of ``Trainer.fit`` is printed separately. Runs alternate raw/framework ``--repeats``
-times and the best of each is compared, which damps noise from other processes.
+setup cost of ``Trainer.fit`` is printed separately. A third side, ``Trainer.fit`` of a bare
+``LightningModule`` around the same network (loss and optimizer only), splits the gap into
+Lightning's own loop and what marginboost's module adds. The order of the sides rotates over
+``--repeats`` runs; the median of the paired ratios is the figure (best of each also printed).
 
     python bench/bench_framework_vs_raw.py                       # CPU, small sizes
     python bench/bench_framework_vs_raw.py --device cuda --backbone resnet18 --batch-size 512 \
@@ -197,6 +199,24 @@ def framework_run(model: MarginClassifier, loader: DeviceResidentLoader, args: a
     return timer.seen / (timer.end - timer.start), total
 
 
+class BareModule(L.LightningModule):
+    """The same network, loss and optimizer in the smallest LightningModule: no metrics, no hooks.
+
+    ``Trainer.fit`` of this module against the raw loop is Lightning's own per-step cost; of
+    ``MarginClassifier`` against this module, what marginboost's module adds (its training metrics).
+    """
+
+    def __init__(self, model: MarginClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def training_step(self, batch, batch_idx):
+        return discounted_cross_entropy(self.model(batch["x"]), batch["y"], batch["gap"])
+
+    def configure_optimizers(self):
+        return default_optimizer([p for p in self.parameters() if p.requires_grad])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser, steps=20)
@@ -211,24 +231,32 @@ def main(argv: list[str] | None = None) -> None:
     split = synthetic_cifar(args.batch_size * (args.warmup + args.steps), args.seed)
     template = build_model(args)
     loader = make_loader(split, args, device)
-    raw, framework, overheads = [], [], []
+    raw, framework, bare, overheads = [], [], [], []
     for r in range(args.repeats):
-        # Raw first on even repeats, framework first on odd ones: a drift in the machine's load
-        # (or a warmer cache for the second run) then favours neither side.
-        for side in ("raw", "framework") if r % 2 == 0 else ("framework", "raw"):
+        # The order rotates from repeat to repeat: a drift in the machine's load (or a warmer
+        # cache for a later run) then favours no side.
+        sides = ("raw", "framework", "bare")
+        for side in sides[r % 3:] + sides[:r % 3]:
             loader.set_epoch(r)
             if side == "raw":
                 raw.append(raw_run(copy.deepcopy(template), loader, args, device))
-                continue
-            ips, total = framework_run(copy.deepcopy(template), loader, args, device)
-            framework.append(ips)
-            overheads.append(total - (args.steps * args.batch_size) / ips)
-        print(f"repeat {r}: raw {raw[-1]:10.1f} img/s   framework {framework[-1]:10.1f} img/s")
+            elif side == "bare":
+                bare.append(framework_run(BareModule(copy.deepcopy(template)), loader, args, device)[0])
+            else:
+                ips, total = framework_run(copy.deepcopy(template), loader, args, device)
+                framework.append(ips)
+                overheads.append(total - (args.steps * args.batch_size) / ips)
+        print(f"repeat {r}: raw {raw[-1]:10.1f} img/s   framework {framework[-1]:10.1f} img/s   "
+              f"bare LightningModule {bare[-1]:10.1f} img/s")
     best_raw, best_fw = max(raw), max(framework)
     print(f"raw loop        : {best_raw:10.1f} images/s (best of {args.repeats}; median {statistics.median(raw):.1f})")
     print(f"Trainer.fit     : {best_fw:10.1f} images/s (best of {args.repeats}; median {statistics.median(framework):.1f})")
     print(f"fit outside the timed steps (setup, warm-up steps, teardown): {min(overheads):.2f} s "
           f"({args.clock} clock)")
+    print(f"bare module     : {max(bare):10.1f} images/s (best of {args.repeats}; median {statistics.median(bare):.1f})")
+    print(f"  Lightning's loop alone (bare / raw, median of paired runs): "
+          f"{statistics.median(b / r for b, r in zip(bare, raw)):.3f}; marginboost's module on top "
+          f"(framework / bare): {statistics.median(f / b for f, b in zip(framework, bare)):.3f}")
     median_ratio = statistics.median(f / r for f, r in zip(framework, raw))
     print(f"RATIO framework/raw = {best_fw / best_raw:.3f} (best vs best; median of paired runs "
           f"{median_ratio:.3f}; {args.clock} clock)   target >= 0.97 (median)")

@@ -12,6 +12,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from marginboost.distributed import all_reduce_sum
 from marginboost.errors import ConfigError, check_bool, check_choice, check_int, check_number
 
 from .backbones import build_backbone
@@ -100,12 +101,8 @@ class MarginClassifier(L.LightningModule):
             self.backbone.to(memory_format=torch.channels_last)
         # Kept out of the module tree (no duplicate parameters in state_dict); built on first use.
         self.__dict__["_compiled_backbone"] = None
-        # Metric objects accumulate locally and synchronise once per epoch (no per-step sync).
-        # The training-step metrics skip their input checks: each check (NaN scan, label range)
-        # reads a value back to the host, i.e. one device sync per step.
-        self.train_loss = MeanMetric(nan_strategy="disable")
-        self.train_margin = MeanMetric(nan_strategy="disable")
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        # Evaluation metrics as metric objects, synchronised once per epoch. The training ones are
+        # a fused running sum instead (see log_train_metrics).
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -149,24 +146,50 @@ class MarginClassifier(L.LightningModule):
             self.head.check_gaps(gaps)
 
     def log_train_metrics(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
-        """Accumulate loss, accuracy and mean margin; synchronised once per epoch.
+        """Accumulate the epoch's ``train/loss``, ``train/acc`` and ``train/margin_mean``.
 
-        The metric objects are handed to ``self.log`` at the epoch's first step only: Lightning
-        keeps the reference and calls ``compute``/``reset`` at the epoch's end, and each ``log``
-        call costs more host time than the update itself.
+        One fused in-place update per step on the device (loss·n, correct predictions, margin sum;
+        the count stays on the host), no host sync and no ``self.log`` call: per step these cost
+        more host time than the arithmetic, which shows as soon as the host, not the device, sets
+        the pace. The sums are reduced over ranks and logged once, at the epoch's last batch
+        (or at its end when the epoch is cut short), so callbacks read them at the epoch's end.
         """
         n = y.shape[0]
-        self.train_loss.update(loss.detach(), weight=n)
-        self.train_acc.update(logits.detach(), y)
-        self.train_margin.update(margins(logits.detach(), y))
-        # The fit loop's epoch counter: new at every epoch, every fit and every resumed fit.
+        sums = self._train_sums(logits.device)
+        with torch.no_grad():
+            logits = logits.detach()
+            sums["values"] += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum(),
+                                           margins(logits, y).sum()]).to(sums["values"].dtype)
+        sums["count"] += n
+        if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._log_train_epoch()
+
+    def _train_sums(self, device: torch.device) -> dict[str, Any]:
+        # New at every epoch, fit and resumed fit (the fit loop's epoch counter). Not a buffer:
+        # DDP would overwrite every rank's sums with rank 0's at each forward.
         epoch = (id(self.trainer.fit_loop), self.trainer.fit_loop.epoch_progress.total.started)
-        if self.__dict__.get("_train_metrics_epoch") == epoch:
+        sums = self.__dict__.get("_train_sums_state")
+        if sums is None or sums["epoch"] != epoch:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            sums = {"epoch": epoch, "values": torch.zeros(3, device=device, dtype=dtype), "count": 0, "logged": False}
+            self.__dict__["_train_sums_state"] = sums
+        return sums
+
+    def _log_train_epoch(self) -> None:
+        """Reduce the epoch's sums over ranks (a collective: every rank calls it) and log them."""
+        sums = self.__dict__.get("_train_sums_state")
+        if sums is None or sums["logged"]:
             return
-        self.__dict__["_train_metrics_epoch"] = epoch
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=n)
-        self.log("train/margin_mean", self.train_margin, on_step=False, on_epoch=True, batch_size=n)
+        sums["logged"] = True
+        values = sums["values"]
+        totals = all_reduce_sum(torch.cat([values, values.new_tensor([sums["count"]])])).tolist()
+        if totals[3] == 0:
+            return
+        loss, correct, margin_sum, n = totals
+        kwargs = {"on_step": False, "on_epoch": True, "sync_dist": False, "batch_size": 1}
+        self.log("train/loss", loss / n, prog_bar=True, **kwargs)
+        self.log("train/acc", correct / n, prog_bar=True, **kwargs)
+        self.log("train/margin_mean", margin_sum / n, **kwargs)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         loss, logits = self.loss_and_logits(batch)
@@ -174,6 +197,7 @@ class MarginClassifier(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
+        self._log_train_epoch()  # an epoch cut short (max_steps) had no last batch
         self.log("train/seed_mean_margin_value", self.seed_mean_margin_value(), sync_dist=False)
 
     def _eval_step(self, batch: Mapping[str, Tensor], loss_metric: MeanMetric,

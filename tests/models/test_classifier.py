@@ -102,3 +102,33 @@ def test_epoch_metrics_equal_the_batches_by_hand_every_epoch_and_fit():
         expected = _by_hand(model.seen[epoch])
         for key, value in expected.items():
             assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (epoch, key)
+
+
+def test_epoch_cut_short_by_max_steps_still_logs_its_own_batches():
+    model = _Recording(num_classes=10, input_shape=(1, 8, 8), backbone="mlp", backbone_kwargs={"width": 16})
+    model.epoch_values = []
+    L.Trainer(max_steps=6, limit_train_batches=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+              limit_val_batches=0).fit(model, DigitsDataModule(batch_size=32))
+    assert [len(model.seen[e]) for e in sorted(model.seen)] == [4, 2]
+    assert len(model.epoch_values) == 2
+    for epoch, logged in enumerate(model.epoch_values):
+        for key, value in _by_hand(model.seen[epoch]).items():
+            assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (epoch, key)
+
+
+def test_training_metrics_are_visible_to_callbacks_at_the_epochs_end():
+    """Callbacks' ``on_train_epoch_end`` runs before the module's: the epoch's values are logged
+    at its last batch, so a callback reads this epoch's numbers, not the previous one's."""
+    seen = []
+
+    class Reader(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(float(trainer.callback_metrics["train/acc"]))
+
+    model = _Recording(num_classes=10, input_shape=(1, 8, 8), backbone="mlp", backbone_kwargs={"width": 16})
+    model.epoch_values = []
+    L.Trainer(max_epochs=2, limit_train_batches=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=0,
+              callbacks=[Reader()]).fit(model, DigitsDataModule(batch_size=32))
+    assert seen == [pytest.approx(_by_hand(model.seen[e])["train/acc"]) for e in range(2)]
