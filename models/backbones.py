@@ -113,8 +113,8 @@ class CifarResNet(nn.Module):
 
 def _channels(input_shape: Sequence[int], name: str) -> int:
     if len(input_shape) != 3:
-        raise ConfigError("model.backbone", name, f"a backbone for inputs of shape {tuple(input_shape)} "
-                          "(this one needs images [C, H, W])")
+        raise ConfigError("model.backbone", name, f"a backbone for inputs of shape {tuple(input_shape)}: "
+                          "mlp or relu_mlp (this one needs images [C, H, W])")
     return input_shape[0]
 
 
