@@ -73,11 +73,11 @@ class DecisionBoundary(Callback):
     def render(self, trainer: L.Trainer, pl_module: L.LightningModule) -> np.ndarray:
         """``[H, W, 3]`` pixels of the figure for the model as it is now (left exactly as found)."""
         dm = trainer.datamodule
-        batches = list(dm.train_eval_dataloader(distributed=False))
-        x = torch.cat([b["x"] for b in batches]).float()
-        y = torch.cat([b["y"] for b in batches])
-        gaps = torch.cat([b["gap"] for b in batches]).float()
-        with preserved_state(pl_module):
+        with preserved_state(pl_module):  # also the RNG: iterating a DataLoader draws a seed from it
+            batches = list(dm.train_eval_dataloader(distributed=False))
+            x = torch.cat([b["x"] for b in batches]).float()
+            y = torch.cat([b["y"] for b in batches])
+            gaps = torch.cat([b["gap"] for b in batches]).float()
             pl_module.eval()
             fig = decision_boundary_figure(lambda p: model_logits(pl_module, p), x, y, gaps,
                                            int(dm.num_classes), self.levels, self.resolution,
@@ -94,9 +94,9 @@ class DecisionBoundary(Callback):
 
     @staticmethod
     def _title(trainer: L.Trainer) -> str:
-        root = Path(str(trainer.default_root_dir)).name
-        where = f"{root}, " if root.startswith("round_") else ""
-        return f"{where}epoch {trainer.current_epoch + 1}, step {trainer.global_step}"
+        root = Path(str(trainer.default_root_dir)).name  # a boosting member trains in round_<t>/
+        where = f"round {root.removeprefix('round_')} · " if root.startswith("round_") else ""
+        return f"{where}epoch {trainer.current_epoch + 1} · step {trainer.global_step}"
 
 
 def log_image(logger, tag: str, image: np.ndarray, step: int) -> None:
