@@ -290,7 +290,7 @@ def summary_table(summary) -> Any:
         table.add_column("FLOPs", justify="right")
     counts = summary.flop_counts if flops else {}
     for name, layer in summary._layer_summary.items():
-        if isinstance(layer._module, Metric):
+        if _only_metrics(layer._module, Metric):
             continue
         row = [name, layer.layer_type, count(layer.num_parameters),
                "train" if layer.training else "eval"]
@@ -303,6 +303,15 @@ def summary_table(summary) -> Any:
     if flops:
         line += f" · {count(flops)} FLOPs"
     return Group(table, Text(line))
+
+
+def _only_metrics(module, metric_type) -> bool:
+    """A torchmetrics object, or a container (``ModuleList``, ``ModuleDict``) of nothing else."""
+    if isinstance(module, metric_type):
+        return True
+    children = list(module.children())
+    return bool(children) and not any(True for _ in module.parameters(recurse=False)) and all(
+        _only_metrics(child, metric_type) for child in children)
 
 
 # -- the trainer's console callbacks --------------------------------------------------------------
