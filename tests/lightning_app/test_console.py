@@ -172,6 +172,7 @@ def test_quiet_console_drops_only_the_known_noise_and_verbose_restores_it():
                                    "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")
             warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning,
                                    "mine.py", 1, module="my_package")  # same text, someone else's: kept
+        logging.getLogger("lightning.pytorch.accelerators.cuda").info("LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]")
         assert handler.lines == messages[4:]
         assert [str(w.message) for w in caught] == ["`isinstance(treespec, LeafSpec)` is deprecated"]
         handler.lines.clear()
