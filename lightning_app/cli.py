@@ -243,16 +243,17 @@ class MarginBoostCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> MarginBoostCLI:
+def build_cli(args: list[str] | None = None, run: bool = True, prog: str | None = None, **kwargs) -> MarginBoostCLI:
     """The CLI. ``auto_configure_optimizers=False``: the optimizer and LR scheduler exist only as
-    ``model.init_args.optimizer`` / ``lr_scheduler`` (one path, honoured by boosting members too)."""
+    ``model.init_args.optimizer`` / ``lr_scheduler`` (one path, honoured by boosting members too).
+    ``prog``: the program name ``--help`` shows (``main`` passes how the command was started)."""
     kwargs.setdefault("trainer_defaults", {
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                    "init_args": {"save_dir": "runs", "name": "marginboost", "default_hp_metric": False}},
     })
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     kwargs.setdefault("auto_configure_optimizers", False)
-    kwargs.setdefault("parser_kwargs", parser_kwargs(kwargs.pop("prog", None)))
+    kwargs.setdefault("parser_kwargs", parser_kwargs(prog))
     # Any LightningModule (MarginClassifier, HyperNetClassifier, ...) taking num_classes/input_shape.
     return MarginBoostCLI(L.LightningModule, GapDataModule, subclass_mode_model=True, subclass_mode_data=True,
                           args=args, run=run, **kwargs)
