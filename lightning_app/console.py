@@ -6,7 +6,7 @@ GPU/TPU availability, a pytree deprecation); each is matched by its logger and m
 else is silenced. ``--verbose`` keeps them and Lightning's full model summary in every round.
 
 * :class:`MarginBoostProgressBar`: Lightning's Rich bar with integer version numbers and, in a
-  boosting run, a second line ``run  round t/T  elapsed • ETA`` over the whole run.
+  boosting run, a second line ``round t/T ━━━━ elapsed • remaining`` over the whole run.
 * :class:`CompactModelSummary`: the model summary once per process, without metric objects
   (they hold no parameters) and without FLOPs when none were counted.
 * :class:`RoundDisplay`: a rule per round (with the run's ETA) and, after each round, the table of
@@ -129,6 +129,11 @@ class RunClock:
         self._done += 1.0 - self._from
         self._from = self._fraction = 1.0
 
+    @property
+    def completed(self) -> float:
+        """Rounds done, the current one's fraction included (``t − 1 + fraction``)."""
+        return max(self.t - 1, 0) + self._fraction
+
     def elapsed(self) -> float:
         return 0.0 if self._start is None else self._now() - self._start
 
@@ -171,6 +176,7 @@ class MarginBoostProgressBar(RichProgressBar):
         super().__init__(*args, **kwargs)
         self.run_clock: RunClock | None = None
         self._run_task: Any = None
+        self._run_progress: Any = None  # the Progress the task lives in (leave=True makes a new one per epoch)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
@@ -190,23 +196,21 @@ class MarginBoostProgressBar(RichProgressBar):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
         # Added after the member's own task, so the run's line sits under it.
-        if self._run_task is None and self.run_clock is not None and self.progress is not None and self.is_enabled:
+        if self.run_clock is not None and self.progress is not None and self.is_enabled and (
+                self._run_task is None or self._run_progress is not self.progress):
             clock = self.run_clock
+            self._run_progress = self.progress
             self._run_task = self.progress.add_task(f"round {clock.t}/{clock.rounds}", total=float(clock.rounds),
-                                                    completed=self._run_completed())
+                                                    completed=clock.completed)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self._run_task is not None:
+        if self._run_task is not None and self._run_progress is self.progress:
             self.run_clock.progress(fit_fraction(trainer, batch_idx))
-            self.progress.update(self._run_task, completed=self._run_completed())
+            self.progress.update(self._run_task, completed=self.run_clock.completed)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
-    def _run_completed(self) -> float:
-        clock = self.run_clock
-        return clock.t - 1 + clock._fraction
-
     def is_run_task(self, task) -> bool:
-        return self._run_task is not None and task.id == self._run_task
+        return self._run_task is not None and self._run_progress is self.progress and task.id == self._run_task
 
 
 class _RunAwareColumn:

@@ -260,3 +260,24 @@ def test_boosting_console_is_quiet_and_fits_80_columns(tmp_path):
     (tmp_path / "verbose").mkdir()
     verbose = _fit(tmp_path / "verbose", "--verbose")
     assert verbose.count("Total params") == 2 and "GPU available" in verbose  # every round, in full
+
+
+@pytest.mark.parametrize("leave", [False, True])
+def test_progress_bar_advances_the_run_clock(tmp_path, leave):
+    from lightning_app.console import MarginBoostProgressBar
+
+    bar, clock = MarginBoostProgressBar(leave=leave), RunClock(rounds=4)
+    display = RoundDisplay(4, console=Console(file=io.StringIO()), clock=clock)
+    display.start(2, seed=0)  # round 2 of 4: the bar's run line starts at 1 round done
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[bar],
+                        default_root_dir=str(tmp_path))
+    display.attach(trainer)
+    seen = []
+    trainer.callbacks.append(L.Callback())
+    trainer.callbacks[-1].on_train_batch_end = lambda *a: seen.append(clock.completed)
+    trainer.fit(MarginClassifier(num_classes=2, input_shape=(2,), backbone="mlp", backbone_kwargs={"width": 4}),
+                datamodule=Toy2DDataModule(num_train=32, num_val=8, batch_size=8))
+    assert seen == pytest.approx([1 + k / 8 for k in range(1, 9)])  # 2 epochs × 4 batches
+    run_line = [task for task in bar.progress.tasks if task.description == "round 2/4"]
+    assert len(run_line) == 1 and run_line[0].completed == pytest.approx(2.0)  # 2 of 4 rounds
