@@ -49,7 +49,7 @@ class DecisionBoundary(Callback):
         if every_n_epochs is not None:
             check_int("DecisionBoundary.every_n_epochs", every_n_epochs, low=1)
         if not levels:
-            raise ConfigError("DecisionBoundary.levels", list(levels), "one or more margins > 0")
+            raise ConfigError("DecisionBoundary.levels", list(levels), "one or more margins >= 0")
         self.levels = [check_number("DecisionBoundary.levels", v, low=0.0) for v in levels]
         self.every_n_epochs, self.at_fit_end = every_n_epochs, at_fit_end
         self.resolution = check_int("DecisionBoundary.resolution", resolution, low=10, high=1000)
