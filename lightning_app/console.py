@@ -363,7 +363,8 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("gap.mean", "mean gap", ".3f"),
     ("member_train_margin.mean", "member margin", ".3f"),
     ("ensemble_train_margin.mean", "ens. margin", ".3f"),
-    ("fit_seconds", "fit s", ".1f"), ("score_seconds", "score s", ".1f"),
+    ("fit_seconds", "fit s", ".1f"), ("score_seconds", "score s", ".1f"), ("round_seconds", "round s", ".1f"),
+    ("overhead", "overhead", ".3f"),  # (round − fit) / fit
 )
 # Identifiers, not metrics.
 NOT_METRICS = ("round", "seed")
