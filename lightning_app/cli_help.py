@@ -36,7 +36,8 @@ def config_catalog(width: int = 80, config_dir: Path = CONFIG_DIR) -> str:
                                 break_on_hyphens=False) or [""]
         lines.append(f"  {path.name:<{name_width}}{purpose[0]}")
         lines += [" " * (name_width + 2) + more for more in purpose[1:]]
-    lines += ["", "--verbose: Lightning's full console (tips, device lines, a model summary every round)."]
+    lines += ["", "--verbose: Lightning's full console (tips, device lines, a model summary every round).",
+              "report RUN_DIR: a boosting run's figures (PNG) and report.md, in RUN_DIR/report/."]
     return "\n".join(lines)
 
 
