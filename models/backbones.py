@@ -78,7 +78,7 @@ def _check_kwargs(name: str, builder: BackboneBuilder, kwargs: dict) -> None:
     params = inspect.signature(builder).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    allowed = [p for p in params if p != "input_shape"]
+    allowed = list(params)[1:]  # the first parameter is the input shape, passed positionally
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ConfigError("model.backbone_kwargs", dict(kwargs),
