@@ -5,10 +5,13 @@
 * ``margins``: ``PerSampleMargins``; ``normalized_margins``: ``NormalizedMargins`` (Jiang et al.);
   ``width``: ``GradientNormWidth``; ``hessian``:
   ``HessianTrace``, ``HessianEigenvalues``; ``rescaling``: their unit-norm option;
+  ``decision_boundary``: ``DecisionBoundary`` (2-D inputs: boundary and margin level sets, with
+  and without gaps, as an image);
 * ``functional``: the same metrics as plain functions, usable without Lightning.
 """
 
 from .base import Measurement, MeasurementBatches, SharpnessCallback
+from .decision_boundary import DecisionBoundary
 from .functional import (
     HessianOperator,
     TraceEstimate,
@@ -36,6 +39,7 @@ from .theory import MarginTheoryCheck, theorem1_summary
 from .width import GradientNormWidth
 
 __all__ = [
+    "DecisionBoundary",
     "GradientNormWidth",
     "HessianEigenvalues",
     "HessianOperator",

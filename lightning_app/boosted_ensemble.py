@@ -78,7 +78,9 @@ class BoostedEnsemble(L.LightningModule):
         if not paths:
             raise ValueError(f"{run_dir}: the run has no completed round yet")
         chosen = list(zip(state["members"], paths))[: rounds or None]
-        members = [_member_class(m.get("class_path")).load_from_checkpoint(p, map_location=map_location)
+        # weights_only=True, said explicitly: member checkpoints hold tensors, numbers and strings only.
+        members = [_member_class(m.get("class_path")).load_from_checkpoint(p, map_location=map_location,
+                                                                           weights_only=True)
                    for m, p in chosen]
         return cls(members, mode=mode)
 

@@ -43,6 +43,7 @@ from marginboost import collect_logits, comm_device, is_distributed
 from marginboost.errors import ConfigError, check_bool, check_int
 from models import margins
 
+from .console import RoundDisplay
 from .ensemble import ensemble_metrics
 from .ensemble_logging import EnsembleLogger
 from .gap_rules import GapRule, MeanGapRule, NoGapRule
@@ -352,7 +353,7 @@ class BoostingOrchestrator:
         state = self.state = self._load_or_start(self.fingerprint(targets), num_train)
         self._publish(state, targets)  # repairs summary.json / events a crash left stale
         datamodule.set_gaps(state["gaps"])
-        display = _RoundDisplay(self.rounds)
+        display = RoundDisplay(self.rounds)
         if state["rounds_done"] == self.rounds:
             display.complete(state["rounds_done"], self.run_dir)
         for t in range(state["rounds_done"] + 1, self.rounds + 1):
@@ -367,6 +368,7 @@ class BoostingOrchestrator:
             _check_trainer_trains(trainer)
             trainer.callbacks.append(RoundCheckpoint(rdir / LAST_CHECKPOINT.parent))
             shared = self._shareable_margin_callback(trainer)
+            display.attach(trainer)
             last = rdir / LAST_CHECKPOINT
             started = time.perf_counter()
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
@@ -374,7 +376,7 @@ class BoostingOrchestrator:
                 raise KeyboardInterrupt(f"boosting round {t} was interrupted; re-run the command to resume")
             fit_seconds = time.perf_counter() - started
             checkpoint = rdir / MEMBER_FILE
-            trainer.save_checkpoint(checkpoint)  # every rank calls it; rank 0 writes
+            trainer.save_checkpoint(checkpoint, weights_only=False)  # every rank calls it; rank 0 writes
             train_logits, val_logits, val_y, score_seconds = self._score(model, trainer, datamodule, num_train, shared)
             m = ensemble_m = None
             if train_logits is not None:
@@ -509,39 +511,3 @@ def _check_trainer_trains(trainer: L.Trainer) -> None:
         raise ConfigError("trainer.max_epochs", 0, "an integer >= 1 under boosting (each member must train)")
     if trainer.max_steps == 0:
         raise ConfigError("trainer.max_steps", 0, "-1 or an integer >= 1 under boosting (each member must train)")
-
-
-class _RoundDisplay:
-    """Rich output on rank 0: a rule per round and a table of the ensemble so far."""
-
-    def __init__(self, rounds: int) -> None:
-        self.rounds = rounds
-
-    @rank_zero_only
-    def start(self, t: int, seed: int) -> None:
-        from rich.console import Console
-
-        Console().rule(f"[bold]boosting round {t}/{self.rounds}[/bold] (seed {seed})")
-
-    @rank_zero_only
-    def complete(self, done: int, run_dir: Path) -> None:
-        from rich.console import Console
-
-        Console().print(f"boosting: run complete ({done}/{self.rounds} rounds) in {run_dir}; nothing to train. "
-                        "Raise boosting.rounds to add members; evaluate with `lightning test` on the same config.")
-
-    @rank_zero_only
-    def end(self, history: list[dict[str, Any]]) -> None:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"ensemble after {len(history)}/{self.rounds} rounds")
-        for col in ("round", "member acc", "boosted acc", "deep acc", "boosted NLL", "deep NLL",
-                    "disagree", "mean gap", "fit s"):
-            table.add_column(col, justify="right")
-        for rec in history:
-            t = rec["round"]
-            table.add_row(str(t), f"{rec[f'member_acc_{t}']:.4f}", f"{rec['boosted_acc']:.4f}",
-                          f"{rec['deep_acc']:.4f}", f"{rec['boosted_nll']:.4f}", f"{rec['deep_nll']:.4f}",
-                          f"{rec['disagreement']:.4f}", f"{rec['gap']['mean']:.3f}", f"{rec['fit_seconds']:.1f}")
-        Console().print(table)

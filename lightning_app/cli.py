@@ -9,12 +9,8 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import (
-    BasePredictionWriter,
-    LearningRateMonitor,
-    ProgressBar,
-    RichProgressBar,
-)
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import BasePredictionWriter, LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -24,6 +20,8 @@ from marginboost.errors import ConfigError
 
 from .boosted_ensemble import BoostedEnsemble, EnsemblePredictionWriter
 from .boosting import BoostingConfig, BoostingOrchestrator, _check_trainer_trains, member_seed
+from .cli_help import parser_kwargs, program_name
+from .console import VERBOSE_FLAG, ConsoleSettings, quiet_console
 from .ensemble_logging import (
     ConfigHyperparameters,
     DefaultLearningRateMonitor,
@@ -110,6 +108,21 @@ class MarginBoostCLI(LightningCLI):
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
         parser.add_argument("--boosting", type=BoostingConfig | None, default=None,
                             help="Boosting section: train members in sequence with gaps fed back.")
+
+    def parse_arguments(self, parser, args) -> None:
+        # Packaged config names are resolved here, on sys.argv itself when run from the command line:
+        # handing a rewritten copy to LightningCLI(args=...) makes it warn about args and sys.argv.
+        # The bare flag --verbose is the console's (Trainer.validate/test own a `verbose` argument).
+        self.console_settings = ConsoleSettings()
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        argv = list(sys.argv[1:] if args is None else args)
+        self.console_settings.verbose = VERBOSE_FLAG in argv
+        argv = [arg for arg in argv if arg != VERBOSE_FLAG]
+        self.config = parser.parse_args(resolve_config_args(argv))
+
+    def before_instantiate_classes(self) -> None:
+        quiet_console(self.console_settings.verbose)
 
     # -- checks before any training ---------------------------------------------------------
     def instantiate_classes(self) -> None:
@@ -218,11 +231,10 @@ class MarginBoostCLI(LightningCLI):
         return self._instantiate_trainer(config, extra)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
-        # A Rich progress bar by default, unless the config turns bars off or brings its own.
+        # Our Rich bar and a model summary once per process, unless configured otherwise (console.py).
+        console = getattr(self, "console_settings", None) or ConsoleSettings()
+        callbacks = console.trainer_callbacks(config, callbacks)
         configured = list(config.get("callbacks") or []) + list(callbacks)
-        if config.get("enable_progress_bar", True) is not False and not any(
-                isinstance(c, ProgressBar) for c in configured):
-            callbacks = [*callbacks, RichProgressBar()]
         # the learning rate and the whole config as hyperparameters, unless the config brings its own
         if not any(isinstance(c, LearningRateMonitor) for c in configured):
             callbacks = [*callbacks, DefaultLearningRateMonitor()]
@@ -231,15 +243,17 @@ class MarginBoostCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> MarginBoostCLI:
+def build_cli(args: list[str] | None = None, run: bool = True, prog: str | None = None, **kwargs) -> MarginBoostCLI:
     """The CLI. ``auto_configure_optimizers=False``: the optimizer and LR scheduler exist only as
-    ``model.init_args.optimizer`` / ``lr_scheduler`` (one path, honoured by boosting members too)."""
+    ``model.init_args.optimizer`` / ``lr_scheduler`` (one path, honoured by boosting members too).
+    ``prog``: the program name ``--help`` shows (``main`` passes how the command was started)."""
     kwargs.setdefault("trainer_defaults", {
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                    "init_args": {"save_dir": "runs", "name": "marginboost", "default_hp_metric": False}},
     })
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
     kwargs.setdefault("auto_configure_optimizers", False)
+    kwargs.setdefault("parser_kwargs", parser_kwargs(prog))
     # Any LightningModule (MarginClassifier, HyperNetClassifier, ...) taking num_classes/input_shape.
     return MarginBoostCLI(L.LightningModule, GapDataModule, subclass_mode_model=True, subclass_mode_data=True,
                           args=args, run=run, **kwargs)
@@ -265,12 +279,9 @@ def main(args: list[str] | None = None) -> None:
     if argv[:1] == ["report"]:  # `lightning report RUN_DIR`: not a Trainer subcommand
         from .report import main as report_main
 
-        program = Path(sys.argv[0]).name
-        program = "python -m lightning_app" if program == "__main__.py" else program
-        return report_main(argv[1:], prog=f"{program} report")
-    argv = resolve_config_args(argv)
+        return report_main(argv[1:], prog=f"{program_name()} report")
     try:
-        build_cli(argv)
+        build_cli(args, prog=program_name())
     except Exception as exc:
         message = user_error(exc)
         if message is None:

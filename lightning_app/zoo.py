@@ -53,6 +53,8 @@ from marginboost.errors import ConfigError, check_bool, check_choice, check_int,
 from marginboost.per_sample import collect_logits
 from models import MarginClassifier
 
+from .console import quiet_console
+
 # Zoo configs are not `lightning fit` configs: they live apart from those (configs/zoo/).
 CONFIG_DIR = Path(__file__).parent / "configs" / "zoo"
 HYPERPARAMETERS = ("backbone", "width", "depth", "lr", "batch_size", "weight_decay", "augment", "dropout",
@@ -388,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--zoo.shard", dest="shard", default="0/1", help="i/n: run members m with m %% n == i")
     parser.add_argument("--zoo.out_dir", dest="out_dir", default=None)
     parser.add_argument("--zoo.limit", dest="limit", type=int, default=None, help="train at most this many members")
+    parser.add_argument("--verbose", action="store_true", help="Lightning's device lines and tips for every member")
     args = parser.parse_args(argv)
+    quiet_console(args.verbose)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     cfg = load_config(args.config, {"out_dir": args.out_dir} if args.out_dir else None)
     run_zoo(cfg, parse_shard(args.shard), args.limit)

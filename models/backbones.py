@@ -8,6 +8,7 @@ Register a new one with :func:`register_backbone`, or pass the import path of an
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -43,6 +44,7 @@ def build_backbone(name: str, input_shape: Sequence[int], **kwargs) -> nn.Module
     pass when the module does not define it.
     """
     if name in _REGISTRY:
+        _check_kwargs(name, _REGISTRY[name], kwargs)
         net = _REGISTRY[name](tuple(input_shape), **kwargs)
     elif "." in name:
         module_name, _, cls_name = name.rpartition(".")
@@ -69,6 +71,18 @@ def build_backbone(name: str, input_shape: Sequence[int], **kwargs) -> nn.Module
                               f"{tuple(out.shape)})")
         net.out_features = out.shape[1]
     return net
+
+
+def _check_kwargs(name: str, builder: BackboneBuilder, kwargs: dict) -> None:
+    """``backbone_kwargs`` the builder does not take: one error line, not a TypeError traceback."""
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = list(params)[1:]  # the first parameter is the input shape, passed positionally
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError("model.backbone_kwargs", dict(kwargs),
+                          f"arguments of backbone {name!r}: {allowed} (not {unknown})")
 
 
 class BasicBlock(nn.Module):
@@ -113,8 +127,8 @@ class CifarResNet(nn.Module):
 
 def _channels(input_shape: Sequence[int], name: str) -> int:
     if len(input_shape) != 3:
-        raise ConfigError("model.backbone", name, f"a backbone for inputs of shape {tuple(input_shape)} "
-                          "(this one needs images [C, H, W])")
+        raise ConfigError("model.backbone", name, f"a backbone for inputs of shape {tuple(input_shape)}: "
+                          "mlp or relu_mlp (this one needs images [C, H, W])")
     return input_shape[0]
 
 

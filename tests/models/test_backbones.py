@@ -47,3 +47,14 @@ def test_mlp_dropout_only_adds_modules_when_positive():
     assert [m.p for m in drop.modules() if isinstance(m, nn.Dropout)] == [0.5, 0.5]
     with pytest.raises(ConfigError, match="model.backbone_kwargs.dropout: 1.5"):
         build_backbone("mlp", (4,), dropout=1.5)
+
+
+def test_image_backbone_on_flat_inputs_and_unknown_kwargs_are_one_line_errors():
+    from marginboost.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^model.backbone: 'small_cnn'; allowed: .*\(2,\): mlp or relu_mlp"):
+        build_backbone("small_cnn", (2,))
+    with pytest.raises(ConfigError, match=r"^model.backbone_kwargs: \{'width': 8, 'depth': 2\}; allowed: "
+                                          r"arguments of backbone 'small_cnn': \['width'\] \(not \['depth'\]\)$"):
+        build_backbone("small_cnn", (1, 8, 8), width=8, depth=2)
+    assert build_backbone("mlp", (2,), width=8, depth=2).out_features == 8  # accepted kwargs pass
