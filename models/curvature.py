@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -140,43 +141,43 @@ class HessianOperator:
         leaves = list(p.values())
         return leaves, torch.autograd.grad(self._loss(p, batch), leaves, create_graph=True, allow_unused=True)
 
-    def _hvp_from_graph(self, leaves: list[Tensor], grads: tuple[Tensor | None, ...],
-                        tangents: dict[str, Tensor], retain: bool) -> dict[str, Tensor]:
-        k = next(iter(tangents.values())).shape[0]
-        out = {n: torch.zeros_like(tangents[n]) for n in self.names}
-        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        if not live:  # the loss is at most linear in the parameters
-            return out
+    def _hvp_from_graph(self, leaves: list[Tensor], grads: tuple[Tensor | None, ...], block: Tensor,
+                        retain: bool) -> Tensor:
+        """``[k, P]`` products of the rows of ``block`` on a gradient graph, written in place into
+        one flat result (no per-parameter staging copies)."""
+        k = block.shape[0]
+        out = torch.empty_like(block)
+        if not any(g is not None and g.requires_grad for g in grads):  # the loss is at most linear
+            return out.zero_()
+        tangents = self.unflatten(block)  # views
         # One vector at a time: on the CPU a vmap-batched double backward (``is_grads_batched``)
         # measured 1.1-1.2x slower than this loop (bench/bench_hessian.py, chunks of 4 to 16).
         vectors = [[tangents[n][i] for n in self.names] for i in range(k)]
         for i, hv in enumerate(hessian_vector_products(grads, leaves, vectors, retain_graph=retain)):
-            for n, h in zip(self.names, hv):
-                if h is not None:
-                    out[n][i] = h
+            torch.cat([(h if h is not None else torch.zeros_like(leaf)).reshape(-1) for h, leaf in zip(hv, leaves)],
+                      out=out[i])
         return out
 
-    def _hvp_double_backward(self, batch: Batch, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
-        leaves, grads = self._gradient_graph(batch)
-        return self._hvp_from_graph(leaves, grads, tangents, retain=False)
-
-    def _batch_hvp(self, batch: Batch, tangents: dict[str, Tensor]) -> dict[str, Tensor]:
-        single = next(iter(tangents.values())).shape[0] == 1
+    def _batch_hvp(self, batch: Batch, block: Tensor) -> Tensor:
+        """``[k, P]`` products on one batch, from a fresh forward and backward."""
+        single = block.shape[0] == 1
         # "auto": a lone vector (Lanczos) by double backward, measured about 2x faster than a
         # forward-over-reverse product of one tangent on CPU; probe blocks by vmap-ed jvp-of-grad.
         if self.backend == "func" or (self.backend == "auto" and not single):
             try:
-                return self._hvp_func(batch, tangents)
+                return self.flatten(self._hvp_func(batch, self.unflatten(block)), block.shape[0])
             except (RuntimeError, NotImplementedError) as err:
                 if self.backend == "func":
                     raise
                 warnings.warn(f"HessianOperator: torch.func forward-over-reverse failed ({err}); "
                               "falling back to double backward", stacklevel=3)
                 self.backend = "double_backward"
-        return self._hvp_double_backward(batch, tangents)
+        leaves, grads = self._gradient_graph(batch)
+        return self._hvp_from_graph(leaves, grads, block, retain=False)
 
-    def _products(self, tangents: dict[str, Tensor], k: int) -> Iterator[tuple[int, Tensor]]:
-        """``(batch size, flat H_b V)`` per batch, from the kept graphs or batch by batch."""
+    def _products(self, block: Tensor) -> Iterator[tuple[int, Tensor]]:
+        """``(batch size, H_b V [k, P])`` per batch, from the kept graphs or batch by batch; each
+        product is a new tensor the caller may overwrite."""
         if self.reuse_graph and self.backend != "func":
             if self._graphs is None:
                 graphs = []
@@ -185,28 +186,31 @@ class HessianOperator:
                     graphs.append((batch_len(batch), *self._gradient_graph(batch)))
                 self._graphs = graphs
             for nb, leaves, grads in self._graphs:
-                yield nb, self.flatten(self._hvp_from_graph(leaves, grads, tangents, retain=True), k)
+                yield nb, self._hvp_from_graph(leaves, grads, block, retain=True)
             return
         for raw in self.batches:
             batch = batch_to(as_batch(raw), self.device, self.dtype)
-            yield batch_len(batch), self.flatten(self._batch_hvp(batch, tangents), k)
+            yield batch_len(batch), self._batch_hvp(batch, block)
 
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`H v` for ``v [P]`` or a block ``[k, P]``."""
         single = v.ndim == 1
         block = (v[None] if single else v).to(self.device, self.dtype)
-        tangents = self.unflatten(block)
-        acc = torch.zeros_like(block)
-        n = 0
-        with batchnorm_mode(self.model, self.bn_mode), torch.enable_grad():
-            for nb, product in self._products(tangents, block.shape[0]):
-                acc += nb * product
+        acc, n = None, 0
+        # Products on kept graphs run no forward: BN's mode was fixed when the graphs were built,
+        # and switching every module's mode per product cost a tenth of a small model's product.
+        modes = nullcontext() if self._graphs is not None else batchnorm_mode(self.model, self.bn_mode)
+        with modes, torch.enable_grad():
+            for nb, product in self._products(block):
+                acc = product.mul_(nb) if acc is None else acc.add_(product, alpha=nb)
                 n += nb
+        if acc is None:
+            raise ValueError("HessianOperator: the batches are empty")
         total = self.num_samples(n)
         if self.distributed:
             acc = all_reduce_sum(acc)
         self.num_matvecs += block.shape[0]
-        out = acc / total
+        out = acc.div_(total)
         return out[0] if single else out
 
     __call__ = matvec
@@ -269,8 +273,18 @@ def rademacher_like(tensors: Sequence[Tensor], generator: torch.Generator | None
 
 def _probe_block(k: int, dim: int, generator: torch.Generator, dtype: torch.dtype,
                  device: torch.device | str) -> Tensor:
-    # drawn on the CPU, so the probes do not depend on the device the operator runs on
-    return rademacher((k, dim), generator, dtype=dtype).to(device)
+    """``[k, dim]`` Rademacher probes: random bits from the CPU ``generator``, 64 to a draw,
+    unpacked on ``device``.
+
+    The bits come from the CPU, so the probes do not depend on the device the operator runs on;
+    drawing them 64 at a time (instead of one value per coordinate, then copying ``k·dim``
+    floats) matters on a GPU, where the draws took longer than the Hessian products themselves.
+    """
+    words = -(-dim // 64)
+    draws = torch.randint(-(2**63), 2**63 - 1, (k, words), generator=generator, dtype=torch.int64)
+    octets = draws.view(torch.uint8).to(device)  # [k, 8·words]
+    bits = (octets[..., None] >> torch.arange(8, dtype=torch.uint8, device=octets.device)) & 1
+    return bits.reshape(k, -1)[:, :dim].to(dtype).mul_(2).sub_(1)
 
 
 def hutchinson_forms(grads: Sequence[Tensor], params: Sequence[Tensor],
