@@ -75,6 +75,8 @@ def ours(args, workdir: Path) -> tuple[float, float, float]:
             f"--boosting.run_dir={run_dir}", "--trainer.callbacks=[]", "--data.init_args.augment=false",
             f"--trainer.accelerator={args.device}", "--trainer.devices=1", "--trainer.precision=32-true",
             f"--trainer.logger.init_args.save_dir={workdir / 'logs'}"]
+    if args.data_dir is not None:
+        argv += [f"--data.init_args.data_dir={args.data_dir}", "--data.init_args.download=false"]
     if args.data == "digits":
         argv.append("--boosting.gap_rule=lightning_app.NoGapRule")
     else:
@@ -100,7 +102,7 @@ def theirs(args, device: torch.device) -> tuple[float, float, float]:
 
     start = time.perf_counter()
     _, dm_class, model_kwargs, batch_size, sgd = SETUPS[args.data]
-    dm = dm_class(augment=False) if args.data == "fashion" else dm_class()
+    dm = dm_class(augment=False, data_dir=args.data_dir, download=False) if args.data == "fashion" else dm_class()
     train, _, test = dm.load()
     train_loader = DataLoader(TensorDataset(*normalised(train, dm)), batch_size=batch_size, shuffle=True)
     test_loader = DataLoader(TensorDataset(*normalised(test, dm)), batch_size=1000)
@@ -120,6 +122,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", choices=sorted(SETUPS), default=None,
                    help="default: fashion when its files are installed, else digits")
+    p.add_argument("--data-dir", default=None, help="Fashion-MNIST's folder (default: the Debian package's)")
     p.add_argument("--members", type=int, default=3)
     p.add_argument("--epochs", type=int, default=3, help="epochs per member")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -127,7 +130,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = p.parse_args()
     if args.data is None:
-        args.data = "fashion" if find_idx_files(DEBIAN_DIR) is not None else "digits"
+        args.data = "fashion" if find_idx_files(args.data_dir or DEBIAN_DIR) is not None else "digits"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
