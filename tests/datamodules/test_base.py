@@ -7,6 +7,7 @@ from datamodules import (
     DigitsDataModule,
     Toy2DDataModule,
 )
+from datamodules.split import Split
 from models import MarginClassifier
 
 
@@ -103,3 +104,40 @@ def test_gaps_reach_batches_between_epochs_and_fits(workers):
 def test_bad_datamodule_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DigitsDataModule(**kwargs)
+
+
+def _per_object_batches(dataset, batch_size):
+    """What the DataLoader gave before batched fetching: one ``dataset[i]`` per object, collated."""
+    from torch.utils.data import default_collate
+
+    order = list(range(len(dataset)))
+    return [default_collate([dataset[i] for i in order[s:s + batch_size]]) for s in range(0, len(order), batch_size)]
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_batched_fetch_equals_the_per_object_batches(augment):
+    """``IndexedDataset.__getitems__`` builds an evaluation batch in one go; it must be the same
+    batch, bit for bit, as collating the objects one by one (augmented batches, and their random
+    draws, stay per object)."""
+    from torch.utils.data import DataLoader
+
+    from datamodules import FashionMNISTDataModule
+    from datamodules.base import IndexedDataset, collate_batches
+
+    dm = DigitsDataModule()
+    train = dm._ensure_loaded()[0]
+    images = Split((torch.arange(40 * 64) % 256).to(torch.uint8).reshape(40, 1, 8, 8), train.y[:40])
+    for split, mean, std in ((train, dm.mean, dm.std),
+                             (images, FashionMNISTDataModule.mean, FashionMNISTDataModule.std)):
+        gaps = torch.linspace(0, 2, len(split))
+        dataset = IndexedDataset(split, gaps, mean, std, pad=1, augment=augment)
+        torch.manual_seed(5)
+        fast = list(DataLoader(dataset, batch_size=16, collate_fn=collate_batches))
+        torch.manual_seed(5)
+        torch.empty((), dtype=torch.int64).random_()  # the base seed a DataLoader iterator draws first
+        slow = _per_object_batches(dataset, 16)
+        assert len(fast) == len(slow)
+        for a, b in zip(fast, slow):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
