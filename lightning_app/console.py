@@ -38,11 +38,15 @@ NOISE_LOG_LINES: tuple[tuple[str, str], ...] = (
     ("lightning.pytorch.utilities.rank_zero", r"💡 Tip: For seamless cloud"),  # litlogger / litmodels ads
     ("lightning.pytorch.utilities.rank_zero", r"(GPU|TPU|HPU) available: "),
     ("lightning.pytorch.accelerators.cuda", r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES"),
+    # once per member's Trainer; the packaged GPU configs train in bf16-mixed, where it does not apply
+    ("lightning.fabric.utilities.rank_zero", r"You are using a CUDA device .* that has Tensor Cores"),
 )
 # (message pattern, module pattern) of warnings a quiet run drops: raised inside Lightning, not
 # actionable for a user of this project.
 NOISE_WARNINGS: tuple[tuple[str, str], ...] = (
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
+    # the summary sizes parameters in fp32 under a mixed precision (seen on a GPU, every round)
+    (r"Precision .* is not supported by the model summary", r"lightning\.pytorch\.utilities\.model_summary"),
 )
 
 

@@ -172,7 +172,17 @@ def test_quiet_console_drops_only_the_known_noise_and_verbose_restores_it():
                                    "_pytree.py", 21, module="lightning.pytorch.utilities._pytree")
             warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning,
                                    "mine.py", 1, module="my_package")  # same text, someone else's: kept
+            warnings.warn_explicit("Precision bf16-mixed is not supported by the model summary.  Estimated ...",
+                                   UserWarning, "model_summary.py", 242,
+                                   module="lightning.pytorch.utilities.model_summary.model_summary")
         logging.getLogger("lightning.pytorch.accelerators.cuda").info("LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]")
+        fabric = logging.getLogger("lightning.fabric")
+        fabric.addHandler(handler)
+        try:  # seen on an H100, once per member's Trainer
+            logging.getLogger("lightning.fabric.utilities.rank_zero").warning(
+                "You are using a CUDA device ('NVIDIA H100 80GB HBM3') that has Tensor Cores. To properly ...")
+        finally:
+            fabric.removeHandler(handler)
         assert handler.lines == messages[4:]
         assert [str(w.message) for w in caught] == ["`isinstance(treespec, LeafSpec)` is deprecated"]
         handler.lines.clear()
