@@ -419,15 +419,17 @@ class BoostingOrchestrator:
                           "gaps: margin, l2_softmax, cosface, arcface", describe=True)
 
     def _shareable_margin_callback(self, trainer: L.Trainer) -> PerSampleMargins | None:
-        """An attached ``PerSampleMargins`` whose fit-end pass can stand in for the round's own.
+        """An attached ``PerSampleMargins`` whose last pass can stand in for the round's own.
 
-        It must measure the whole training set at fit end; on one process only, because under DDP
-        each rank measures with its own BN statistics, while the round scores with rank 0's.
+        It must measure the whole training set; its pass is used when it ran at the fit's last
+        step (at fit end, or at the end of the last epoch), i.e. on the final weights. On one
+        process only: under DDP each rank measures with its own BN statistics, the round with
+        rank 0's.
         """
         if not self.scores_training_set or is_distributed():
             return None
         for callback in trainer.callbacks:
-            if isinstance(callback, PerSampleMargins) and callback.at_fit_end and callback.num_batches is None:
+            if isinstance(callback, PerSampleMargins) and callback.num_batches is None:
                 callback.keep_logits = True
                 return callback
         return None
@@ -436,7 +438,7 @@ class BoostingOrchestrator:
                shared: PerSampleMargins | None = None):
         """Training-set (``None`` when not scored) and validation logits of the finished member.
 
-        The training-set logits come from ``shared``'s fit-end measurement when it measured the
+        The training-set logits come from ``shared``'s latest measurement when it measured the
         final weights (one pass per round), else from a pass of their own, on the training device.
         """
         started = time.perf_counter()
@@ -444,8 +446,7 @@ class BoostingOrchestrator:
         model.to(device)
         broadcast_buffers(model)
         train_logits = None
-        if shared is not None and shared.latest_tag == "fit_end" and shared.latest_step == trainer.global_step \
-                and shared.logits is not None:
+        if shared is not None and shared.latest_step == trainer.global_step and shared.logits is not None:
             train_logits = shared.logits
         elif self.scores_training_set:
             train_logits, _ = collect_logits(model, datamodule.train_eval_dataloader(), num_train, device)

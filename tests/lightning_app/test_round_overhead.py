@@ -98,6 +98,22 @@ def test_attached_per_sample_margins_shares_the_rounds_margin_pass(tmp_path, tra
     torch.testing.assert_close(made[1].margins, member)
 
 
+def test_per_epoch_per_sample_margins_also_shares_its_last_pass(tmp_path, training_passes):
+    """The default PerSampleMargins measures every epoch; its last-epoch pass is on the final
+    weights (the fit-end pass is skipped at the same step), and the round reuses it."""
+    made = []
+
+    def margins_callback():
+        made.append(PerSampleMargins(every_n_epochs=1, save=False))
+        return made[-1]
+
+    _, state = _run(tmp_path, "per_epoch", MeanGapRule(), callbacks=[margins_callback])
+    assert training_passes == [96, 96]
+    assert [c.latest_tag for c in made] == ["epoch0000", "epoch0000"]
+    member = torch.load(tmp_path / "per_epoch" / "round_2" / "margins.pt", weights_only=True)["member_margins"]
+    torch.testing.assert_close(made[1].margins, member)
+
+
 def test_summary_reports_the_non_fit_share_of_each_round(tmp_path):
     summary, _ = _run(tmp_path, "timed", MeanGapRule())
     on_disk = json.loads((tmp_path / "timed" / "summary.json").read_text())
