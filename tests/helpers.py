@@ -54,3 +54,31 @@ def image_batches(n_batches=3, size=16, shape=(2, 4, 4), classes=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [{"x": torch.randn(size, *shape, generator=g), "y": torch.randint(0, classes, (size,), generator=g)}
             for _ in range(n_batches)]
+
+
+def tiny_boosting_run(run_dir, rounds=2, gap_rule=None, epochs=1, num_train=64, num_val=32, batch_size=32,
+                      seed=0, callbacks=(), **orchestrator_kwargs):
+    """A real boosting run of a tiny MLP on Toy2D, in seconds: ``(summary, orchestrator)``.
+
+    ``callbacks`` are factories, called once per member's trainer.
+    """
+    import lightning as L
+
+    from datamodules import Toy2DDataModule
+    from lightning_app import BoostingOrchestrator, ClippedGapRule
+    from models import MarginClassifier
+
+    def make_model(t, member_seed):
+        return MarginClassifier(num_classes=2, input_shape=(2,), backbone="mlp", backbone_kwargs={"width": 8})
+
+    def make_trainer(t, round_dir):
+        return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, default_root_dir=str(round_dir),
+                         callbacks=[factory() for factory in callbacks])
+
+    orch = BoostingOrchestrator(rounds, gap_rule if gap_rule is not None else ClippedGapRule(0.0, 2.0), run_dir,
+                                seed=seed, **orchestrator_kwargs)
+    summary = orch.run(make_model, make_trainer,
+                       Toy2DDataModule(num_train=num_train, num_val=num_val, batch_size=batch_size))
+    return summary, orch

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from datamodules import Toy2DDataModule
-from lightning_app import BoostingOrchestrator, ClippedGapRule, packaged_configs
+from lightning_app import packaged_configs
 from lightning_app.cli import build_cli
 from lightning_app.cli_help import CONFIG_DIR, config_purpose, program_name
 from lightning_app.console import (
@@ -32,6 +32,7 @@ from lightning_app.console import (
     summary_table,
 )
 from models import MarginClassifier
+from tests.helpers import tiny_boosting_run
 
 REPO = Path(__file__).resolve().parents[2]
 NOISE = [r"Tip: For seamless", r"litlogger", r"litmodels", r"GPU available", r"TPU available",
@@ -45,16 +46,7 @@ NOISE = [r"Tip: For seamless", r"litlogger", r"litmodels", r"GPU available", r"T
 def history(tmp_path_factory):
     """``summary.json``'s history of a real 3-round run (tiny MLP on Toy2D, 1 epoch a member)."""
     run_dir = tmp_path_factory.mktemp("console_run")
-
-    def make_trainer(t, round_dir):
-        return L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         default_root_dir=str(round_dir))
-
-    orch = BoostingOrchestrator(3, ClippedGapRule(0.0, 2.0), run_dir, seed=0)
-    orch.run(lambda t, seed: MarginClassifier(num_classes=2, input_shape=(2,), backbone="mlp",
-                                              backbone_kwargs={"width": 8}),
-             make_trainer, Toy2DDataModule(num_train=64, num_val=32, batch_size=32))
+    tiny_boosting_run(run_dir, rounds=3, seed=0)
     return json.loads((run_dir / "summary.json").read_text())["history"]
 
 

@@ -2,31 +2,19 @@
 
 import json
 
-import lightning as L
 import pytest
 
-from datamodules import Toy2DDataModule
-from lightning_app import BoostingOrchestrator, ClippedGapRule
 from lightning_app.cli import main as cli_main
 from lightning_app.figures import FIGURE_NAMES
 from lightning_app.report import COLUMNS, write_report
 from marginboost.errors import ConfigError
-from models import MarginClassifier
+from tests.helpers import tiny_boosting_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")
-
-    def make_trainer(t, round_dir):
-        return L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         default_root_dir=str(round_dir))
-
-    orch = BoostingOrchestrator(2, ClippedGapRule(0.0, 2.0), path, seed=1)
-    orch.run(lambda t, seed: MarginClassifier(num_classes=2, input_shape=(2,), backbone="mlp",
-                                              backbone_kwargs={"width": 8}),
-             make_trainer, Toy2DDataModule(num_train=40, num_val=20))
+    tiny_boosting_run(path, rounds=2, epochs=2, num_train=40, num_val=20, batch_size=64, seed=1)
     return path
 
 

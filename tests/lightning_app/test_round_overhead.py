@@ -2,30 +2,19 @@
 attached ``PerSampleMargins``, and the time it costs reported in the summary."""
 import json
 
-import lightning as L
 import pytest
 import torch
 
 import marginboost.per_sample as per_sample
 from callbacks import PerSampleMargins
-from datamodules import Toy2DDataModule
 from lightning_app import BoostingOrchestrator, MeanGapRule, NoGapRule
 from marginboost.errors import ConfigError
-from models import MarginClassifier
+from tests.helpers import tiny_boosting_run
 
 
 def _run(tmp_path, name, rule, callbacks=(), **orchestrator_kwargs):
-    def make_model(t, seed):
-        return MarginClassifier(num_classes=2, input_shape=(2,), backbone="mlp", backbone_kwargs={"width": 8})
-
-    def make_trainer(t, round_dir):
-        return L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, default_root_dir=str(round_dir),
-                         callbacks=[factory() for factory in callbacks])
-
-    orch = BoostingOrchestrator(2, rule, tmp_path / name, seed=1, **orchestrator_kwargs)
-    summary = orch.run(make_model, make_trainer, Toy2DDataModule(num_train=96, num_val=40, batch_size=32))
+    summary, orch = tiny_boosting_run(tmp_path / name, rounds=2, gap_rule=rule, num_train=96, num_val=40, seed=1,
+                                      callbacks=callbacks, **orchestrator_kwargs)
     return summary, orch.state
 
 
