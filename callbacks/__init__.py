@@ -1,7 +1,8 @@
 """Metric callbacks (one metric a module) on one base class, and their plain-function forms.
 
 * ``base``: ``SharpnessCallback`` (schedule, data, mode, seeding, restoring the model,
-  reduction across ranks, logging) and ``Measurement``;
+  reduction across ranks, logging), ``Measurement`` and ``TrainingLogits`` (a whole-training-set
+  pass that can hand its logits on);
 * ``margins``: ``PerSampleMargins``; ``normalized_margins``: ``NormalizedMargins`` (Jiang et al.);
   ``width``: ``GradientNormWidth``; ``hessian``:
   ``HessianTrace``, ``HessianEigenvalues``; ``rescaling``: their unit-norm option;
@@ -10,7 +11,7 @@
 * ``functional``: the same metrics as plain functions, usable without Lightning.
 """
 
-from .base import Measurement, MeasurementBatches, SharpnessCallback
+from .base import Measurement, MeasurementBatches, SharpnessCallback, TrainingLogits
 from .decision_boundary import DecisionBoundary
 from .functional import (
     HessianOperator,
@@ -50,6 +51,7 @@ __all__ = [
     "MeasurementBatches",
     "PerSampleMargins",
     "SharpnessCallback",
+    "TrainingLogits",
     "TraceEstimate",
     "UnitNormCopy",
     "UnitNormRescaling",

@@ -89,6 +89,23 @@ def _rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
+class TrainingLogits:
+    """Mixin of a measurement that passes over the whole training set: with ``keep_logits`` it
+    keeps that pass's fp32 logits ``[num_train, K]`` (CPU) in :attr:`logits`, for a caller that
+    needs them at the same weights. The boosting orchestrator sets it on a member's callback and
+    takes the logits of a pass that ran at the fit's last step instead of making a pass of its
+    own (one pass over the training set per round)."""
+
+    keep_logits: bool = False
+    logits: Tensor | None = None
+
+    def logits_at(self, step: int) -> Tensor | None:
+        """The kept logits when the latest measurement ran at ``global_step == step``, else ``None``."""
+        if self.logits is None or getattr(self, "_last_step", None) != step:
+            return None
+        return self.logits
+
+
 class SharpnessCallback(Callback):
     """Base class of the metric callbacks: implement :meth:`measure`, get the rest.
 

@@ -14,11 +14,11 @@ from marginboost.errors import check_bool
 from marginboost.per_sample import collect_logits
 from models.losses import margins as margins_from_logits
 
-from .base import Measurement, MeasurementBatches, SharpnessCallback
+from .base import Measurement, MeasurementBatches, SharpnessCallback, TrainingLogits
 from .functional.margins import collect_margins, margin_summary
 
 
-class PerSampleMargins(SharpnessCallback):
+class PerSampleMargins(SharpnessCallback, TrainingLogits):
     r"""Margins :math:`m_i = f(x_i)_{y_i} - \max_{j\ne y_i} f(x_i)_j` of every training object.
 
     Raw logits, eval mode, un-augmented inputs, fp32; under DDP gathered across ranks by index
@@ -30,8 +30,8 @@ class PerSampleMargins(SharpnessCallback):
 
     Args:
         keep_logits: also keep the fp32 logits ``[num_train, K]`` of the latest measurement in
-            :attr:`logits` (the boosting orchestrator sets it on a member's callback, to reuse the
-            fit-end pass instead of scoring the training set a second time).
+            :attr:`logits` (see :class:`~callbacks.base.TrainingLogits`; the boosting orchestrator
+            sets it on a member's callback).
 
     Attributes:
         margins: the latest full margin tensor ``[num_train]`` (CPU), ``None`` before the first.

@@ -23,7 +23,7 @@ from marginboost import ConfigError, check_int, gather_by_index, per_sample_outp
 from models import margins as margins_from_logits
 from models import max_bn_mean_margin, seed_mean_margin_value
 
-from .base import MeasurementBatches, SharpnessCallback
+from .base import MeasurementBatches, SharpnessCallback, TrainingLogits
 
 
 def theorem1_summary(margins: Tensor, gaps: Tensor) -> dict[str, float]:
@@ -37,7 +37,7 @@ def theorem1_summary(margins: Tensor, gaps: Tensor) -> dict[str, float]:
             "eval_acc": (m > 0).double().mean().item(), "eval_margin_mean": m.mean().item()}
 
 
-class MarginTheoryCheck(SharpnessCallback):
+class MarginTheoryCheck(SharpnessCallback, TrainingLogits):
     """Logs Theorem 1's quantities every epoch and the head's mean-margin maximum once per fit.
 
     Needs a model with a ``head.weight`` ``[K, D]`` after a BN without affine
@@ -83,15 +83,19 @@ class MarginTheoryCheck(SharpnessCallback):
             self.max_mean_margin, _ = max_bn_mean_margin(weight, freq, steps=self.max_margin_steps)
 
     def measure(self, pl_module: L.LightningModule, batches: MeasurementBatches) -> dict[str, Any]:
+        keep = self.keep_logits  # the logits as a third column (TrainingLogits)
         if len(batches):
-            m, g = per_sample_outputs(pl_module, batches, batches.dataset_size,
-                                      lambda logits, b: (margins_from_logits(logits, b["y"]),
-                                                         b["gap"].to(logits.dtype)))
+            m, g, *logits = per_sample_outputs(
+                pl_module, batches, batches.dataset_size,
+                lambda out, b: (margins_from_logits(out, b["y"]), b["gap"].to(out.dtype), *((out,) if keep else ())))
         else:  # more ranks than batches: this rank only joins the gathers
             device = pl_module.device
             empty, no_idx = torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long, device=device)
             m = gather_by_index(empty, no_idx, batches.dataset_size)
             g = gather_by_index(empty, no_idx, batches.dataset_size)
+            logits = [gather_by_index(torch.zeros(0, pl_module.head.weight.shape[0], device=device), no_idx,
+                                      batches.dataset_size)] if keep else []
+        self.logits = logits[0].detach().cpu() if logits else None
         out: dict[str, Any] = dict(theorem1_summary(m, g))
         if self.max_mean_margin is not None:
             out["max_mean_margin"] = self.max_mean_margin

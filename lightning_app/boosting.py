@@ -38,7 +38,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from callbacks import PerSampleMargins, SharpnessCallback, margin_summary
+from callbacks import SharpnessCallback, TrainingLogits, margin_summary
 from marginboost import collect_logits, comm_device, is_distributed
 from marginboost.errors import ConfigError, check_bool, check_int
 from models import margins
@@ -418,24 +418,24 @@ class BoostingOrchestrator:
                           "NoGapRule for this head (it has no fixed logit scale), or a head that takes "
                           "gaps: margin, l2_softmax, cosface, arcface", describe=True)
 
-    def _shareable_margin_callback(self, trainer: L.Trainer) -> PerSampleMargins | None:
-        """An attached ``PerSampleMargins`` whose last pass can stand in for the round's own.
+    def _shareable_margin_callback(self, trainer: L.Trainer) -> TrainingLogits | None:
+        """An attached measurement of the whole training set (``PerSampleMargins``,
+        ``MarginTheoryCheck``) whose last pass can stand in for the round's own.
 
-        It must measure the whole training set; its pass is used when it ran at the fit's last
-        step (at fit end, or at the end of the last epoch), i.e. on the final weights. On one
-        process only: under DDP each rank measures with its own BN statistics, the round with
-        rank 0's.
+        Its pass is used when it ran at the fit's last step (at fit end, or at the end of the last
+        epoch), i.e. on the final weights. On one process only: under DDP each rank measures with
+        its own BN statistics, the round with rank 0's.
         """
         if not self.scores_training_set or is_distributed():
             return None
         for callback in trainer.callbacks:
-            if isinstance(callback, PerSampleMargins) and callback.num_batches is None:
+            if isinstance(callback, TrainingLogits) and getattr(callback, "num_batches", None) is None:
                 callback.keep_logits = True
                 return callback
         return None
 
     def _score(self, model: L.LightningModule, trainer: L.Trainer, datamodule, num_train: int,
-               shared: PerSampleMargins | None = None):
+               shared: TrainingLogits | None = None):
         """Training-set (``None`` when not scored) and validation logits of the finished member.
 
         The training-set logits come from ``shared``'s latest measurement when it measured the
@@ -446,8 +446,8 @@ class BoostingOrchestrator:
         model.to(device)
         broadcast_buffers(model)
         train_logits = None
-        if shared is not None and shared.latest_step == trainer.global_step and shared.logits is not None:
-            train_logits = shared.logits
+        if shared is not None and shared.logits_at(trainer.global_step) is not None:
+            train_logits = shared.logits_at(trainer.global_step)
         elif self.scores_training_set:
             train_logits, _ = collect_logits(model, datamodule.train_eval_dataloader(), num_train, device)
         val_loader = _sharded(datamodule.val_dataloader())

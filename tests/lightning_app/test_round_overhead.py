@@ -33,6 +33,9 @@ def training_passes(monkeypatch):
     import callbacks.functional.margins as functional_margins
 
     monkeypatch.setattr(functional_margins, "per_sample_outputs", counting)
+    import callbacks.theory as theory
+
+    monkeypatch.setattr(theory, "per_sample_outputs", counting)
     return calls
 
 
@@ -115,3 +118,22 @@ def test_summary_reports_the_non_fit_share_of_each_round(tmp_path):
     assert summary["overhead"] == pytest.approx(total)
     state = torch.load(tmp_path / "timed" / "state.pt", weights_only=False)
     assert state["history"][-1]["round_seconds"] == rounds[-1]["round_seconds"]
+
+
+def test_margin_theory_check_also_hands_its_last_pass_to_the_round(tmp_path, training_passes):
+    """The Fashion-MNIST configs attach MarginTheoryCheck, which passes over the training set
+    every epoch: its last pass (final weights) is the round's, and M is what a pass of its own gives."""
+    from callbacks import MarginTheoryCheck
+
+    _, alone = _run(tmp_path, "alone", MeanGapRule())
+    training_passes.clear()
+    made = []
+
+    def theory_callback():
+        made.append(MarginTheoryCheck(max_margin_steps=0))
+        return made[-1]
+
+    _, shared = _run(tmp_path, "theory", MeanGapRule(), callbacks=[theory_callback])
+    assert training_passes == [96, 96]  # its per-epoch passes only (1 epoch a member)
+    assert all(c.keep_logits and c.logits is not None for c in made)
+    torch.testing.assert_close(shared["M"], alone["M"])
