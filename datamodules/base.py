@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -42,24 +42,44 @@ class IndexedDataset(Dataset):
         gap = self.gaps[idx] if self.gaps is not None else torch.zeros(())
         return {"x": x, "y": self.split.y[idx], "idx": torch.tensor(idx), "gap": gap}
 
-    def __getitems__(self, indices: list[int]) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+    def __getitems__(self, indices: list[int]) -> Sequence[dict[str, Tensor]]:
         """A whole batch in one indexing and one normalisation (the DataLoader's batched fetch).
 
-        Without augmentation only: the batch equals the per-object one bit for bit, while the
-        per-object path spends most of an evaluation pass in Python (an augmented batch keeps
-        it, so the random draws stay those of the per-object path).
+        Without augmentation only (an augmented batch keeps the per-object path, so the random
+        draws stay those of the per-object path). The result reads as the list of the batch's
+        objects, so any collate function takes it; :func:`collate_batches` (GapDataModule's
+        loaders) takes the whole batch as it is, bit for bit the per-object batch, while the
+        per-object path spends most of an evaluation pass in Python.
         """
         if self.augment:
             return [self[i] for i in indices]
         idx = torch.as_tensor(indices, dtype=torch.int64)
         x = normalize(self.split.x[idx], self.mean, self.std)
         gap = self.gaps[idx] if self.gaps is not None else torch.zeros(len(indices))
-        return {"x": x, "y": self.split.y[idx], "idx": idx, "gap": gap}
+        return WholeBatch({"x": x, "y": self.split.y[idx], "idx": idx, "gap": gap})
 
 
-def collate_batches(batch: Mapping[str, Tensor] | list) -> Any:
-    """``default_collate``, passing through a batch that ``IndexedDataset.__getitems__`` made whole."""
-    return batch if isinstance(batch, Mapping) else default_collate(batch)
+class WholeBatch(Sequence):
+    """A batch made in one piece that reads as the list of its objects (``batch[i]`` is object
+    ``i``'s dict), for a collate function that expects one."""
+
+    def __init__(self, batch: dict[str, Tensor]) -> None:
+        self.batch = batch
+
+    def __len__(self) -> int:
+        return len(self.batch["idx"])
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"WholeBatch index {i} out of range for {len(self)} objects")
+        return {key: value[i] for key, value in self.batch.items()}
+
+
+def collate_batches(batch: WholeBatch | list) -> Any:
+    """``default_collate``, taking a :class:`WholeBatch` as it is (no per-object stacking)."""
+    return batch.batch if isinstance(batch, WholeBatch) else default_collate(batch)
 
 
 def validate_gaps(gaps, num_train: int) -> Tensor:

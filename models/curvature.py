@@ -204,8 +204,8 @@ class HessianOperator:
             for nb, product in self._products(block):
                 acc = product.mul_(nb) if acc is None else acc.add_(product, alpha=nb)
                 n += nb
-        if acc is None:
-            raise ValueError("HessianOperator: the batches are empty")
+        if acc is None:  # no batch on this rank: it still joins the sums (and the count) below
+            acc = torch.zeros_like(block)
         total = self.num_samples(n)
         if self.distributed:
             acc = all_reduce_sum(acc)

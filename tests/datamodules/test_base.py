@@ -134,10 +134,12 @@ def test_batched_fetch_equals_the_per_object_batches(augment):
         torch.manual_seed(5)
         fast = list(DataLoader(dataset, batch_size=16, collate_fn=collate_batches))
         torch.manual_seed(5)
+        plain = list(DataLoader(dataset, batch_size=16))  # a DataLoader made elsewhere: default collate
+        torch.manual_seed(5)
         torch.empty((), dtype=torch.int64).random_()  # the base seed a DataLoader iterator draws first
         slow = _per_object_batches(dataset, 16)
-        assert len(fast) == len(slow)
-        for a, b in zip(fast, slow):
+        assert len(fast) == len(slow) == len(plain)
+        for a, b in [*zip(fast, slow), *zip(plain, slow)]:
             assert a.keys() == b.keys()
             for key in a:
                 assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
