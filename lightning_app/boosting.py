@@ -426,7 +426,8 @@ class BoostingOrchestrator:
         epoch), i.e. on the final weights. On one process only: under DDP each rank measures with
         its own BN statistics, the round with rank 0's.
         """
-        if not self.scores_training_set or is_distributed():
+        # trainer.world_size: under Lightning's DDP launchers the process group starts inside fit
+        if not self.scores_training_set or is_distributed() or trainer.world_size > 1:
             return None
         for callback in trainer.callbacks:
             if isinstance(callback, TrainingLogits) and getattr(callback, "num_batches", None) is None:
@@ -468,7 +469,8 @@ class BoostingOrchestrator:
 
         Measured after the commit and the publishing, so it covers everything a round does
         besides ``fit``: building the member and its trainer, saving it, scoring, the ensemble
-        metrics, the state and the logs. (A run that dies right here keeps the round without them.)
+        metrics, the state and the logs (all but this second save of the state and summary, which
+        carries the timing). A run that dies right here keeps the round without them.
         """
         record = state["history"][-1]
         record["round_seconds"] = round_seconds

@@ -154,12 +154,16 @@ class MarginClassifier(L.LightningModule):
         the pace. The sums are reduced over ranks and logged once, at the epoch's last batch
         (or at its end when the epoch is cut short), so callbacks read them at the epoch's end.
         """
+        if self._trainer is None:  # a step outside a Trainer (a test, a custom loop): nothing to log to
+            return
         n = y.shape[0]
         sums = self._train_sums(logits.device)
+        dtype = sums["values"].dtype
         with torch.no_grad():
             logits = logits.detach()
-            sums["values"] += torch.stack([loss.detach() * n, (logits.argmax(1) == y).sum(),
-                                           margins(logits, y).sum()]).to(sums["values"].dtype)
+            # in the sums' precision before scaling: a bf16 loss times n would round
+            sums["values"] += torch.stack([loss.detach().to(dtype) * n, (logits.argmax(1) == y).sum().to(dtype),
+                                           margins(logits, y).sum().to(dtype)])
         sums["count"] += n
         if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._log_train_epoch()

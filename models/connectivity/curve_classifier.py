@@ -188,6 +188,7 @@ class CurveClassifier(MarginClassifier):
     def on_train_epoch_end(self) -> None:
         """Logs the curve's bends' distance from the straight line (the base class's head bound
         belongs to one network, not to a curve)."""
+        self._log_train_epoch()  # the training metrics of an epoch cut short (max_steps)
         line = self.curve.endpoint("a"), self.curve.endpoint("b")
         k = self.curve.num_bends + 1
         dist = sum((self.curve.control_point(j, i) - torch.lerp(line[0][n], line[1][n], j / k)).pow(2).sum()

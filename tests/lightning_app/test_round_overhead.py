@@ -137,3 +137,17 @@ def test_margin_theory_check_also_hands_its_last_pass_to_the_round(tmp_path, tra
     assert training_passes == [96, 96]  # its per-epoch passes only (1 epoch a member)
     assert all(c.keep_logits and c.logits is not None for c in made)
     torch.testing.assert_close(shared["M"], alone["M"])
+
+
+def test_no_shared_pass_when_the_member_trains_on_several_processes(tmp_path):
+    """Under DDP each rank measures with its own BN statistics, the round with rank 0's. Lightning
+    starts the process group inside fit, so the choice is made from the trainer's world size."""
+    import lightning as L
+
+    orch = BoostingOrchestrator(2, MeanGapRule(), tmp_path / "x")
+    ddp = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+                    callbacks=[PerSampleMargins(save=False)])
+    one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    callbacks=[PerSampleMargins(save=False)])
+    assert orch._shareable_margin_callback(ddp) is None
+    assert isinstance(orch._shareable_margin_callback(one), PerSampleMargins)

@@ -132,3 +132,23 @@ def test_training_metrics_are_visible_to_callbacks_at_the_epochs_end():
               enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=0,
               callbacks=[Reader()]).fit(model, DigitsDataModule(batch_size=32))
     assert seen == [pytest.approx(_by_hand(model.seen[e])["train/acc"]) for e in range(2)]
+
+
+def test_a_training_step_outside_a_trainer_returns_the_loss():
+    """A custom loop or a unit test may call training_step without a Trainer: the loss comes
+    back, the metrics are simply not accumulated."""
+    model = MarginClassifier(num_classes=10, input_shape=(1, 8, 8), backbone="mlp", backbone_kwargs={"width": 16})
+    batch = {"x": torch.randn(4, 1, 8, 8), "y": torch.tensor([0, 1, 2, 3]), "gap": torch.zeros(4)}
+    loss = model.training_step(batch, 0)
+    torch.testing.assert_close(loss, model.loss_and_logits(batch)[0])
+
+
+def test_bf16_loss_is_summed_in_the_sums_precision():
+    """``bf16-true`` hands a bf16 loss to the metrics: scaled by n in bf16 it would round."""
+    model = _Recording(num_classes=10, input_shape=(1, 8, 8), backbone="mlp", backbone_kwargs={"width": 16})
+    model.epoch_values = []
+    L.Trainer(max_epochs=1, limit_train_batches=3, precision="bf16-true", logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+              limit_val_batches=0).fit(model, DigitsDataModule(batch_size=600))
+    batches = [(loss.double(), logits.double(), y) for loss, logits, y in model.seen[0]]
+    assert model.epoch_values[0]["train/loss"] == pytest.approx(_by_hand(batches)["train/loss"], rel=1e-6)

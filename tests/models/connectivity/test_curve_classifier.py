@@ -132,3 +132,20 @@ def test_curve_trains_under_two_process_ddp(tmp_path):
     for r in (r0, r1):
         assert abs(r["logged_val_acc"] - r0["full_val_acc"]) <= 1.0 / r0["num_val"] + 1e-6
     assert (tmp_path / "path_eval.json").exists() or list(tmp_path.rglob("path_eval.json"))
+
+
+def test_an_epoch_cut_short_still_logs_the_training_metrics(tmp_path):
+    """The curve's own on_train_epoch_end logs the epoch's training metrics too, also when
+    ``max_steps`` ends the epoch before its last batch."""
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    pa, _ = _checkpoint(tmp_path, "a", 0)
+    pb, _ = _checkpoint(tmp_path, "b", 1)
+    curve = CurveClassifier(pa, pb, curve="bezier", num_bends=1, num_classes=4, input_shape=[1, 4, 4],
+                            grid_points=0)
+    data = [{"x": torch.randn(8, 1, 4, 4), "y": torch.randint(0, 4, (8,)), "gap": torch.zeros(8)} for _ in range(4)]
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(curve, train_dataloaders=DataLoader(data, batch_size=None))
+    assert {"train/loss", "train/acc", "train/margin_mean", "train/bend_distance"} <= set(trainer.callback_metrics)
