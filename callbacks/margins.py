@@ -36,7 +36,6 @@ class PerSampleMargins(SharpnessCallback, TrainingLogits):
     Attributes:
         margins: the latest full margin tensor ``[num_train]`` (CPU), ``None`` before the first.
         logits: the latest logits ``[num_train, K]`` (CPU) when ``keep_logits``, else ``None``.
-        latest_tag, latest_step: the tag and ``global_step`` of the latest measurement.
         latest_path: where it was saved.
     """
 
@@ -53,8 +52,6 @@ class PerSampleMargins(SharpnessCallback, TrainingLogits):
         self.keep_logits = check_bool(f"{type(self).__name__}.keep_logits", keep_logits)
         self.margins: Tensor | None = None
         self.logits: Tensor | None = None
-        self.latest_tag: str | None = None
-        self.latest_step: int | None = None
         self.latest_path: str | None = None
 
     def measure(self, pl_module: L.LightningModule, batches: MeasurementBatches) -> dict[str, Any]:
@@ -84,7 +81,6 @@ class PerSampleMargins(SharpnessCallback, TrainingLogits):
 
     def on_measured(self, trainer: L.Trainer | None, pl_module: L.LightningModule,
                     results: dict[str, Measurement], tag: str) -> None:
-        self.latest_tag, self.latest_step = tag, (trainer.global_step if trainer is not None else None)
         if not self.save:
             return
         if self.save_dir is not None:

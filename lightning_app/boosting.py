@@ -446,10 +446,8 @@ class BoostingOrchestrator:
         device = trainer.strategy.root_device
         model.to(device)
         broadcast_buffers(model)
-        train_logits = None
-        if shared is not None and shared.logits_at(trainer.global_step) is not None:
-            train_logits = shared.logits_at(trainer.global_step)
-        elif self.scores_training_set:
+        train_logits = shared.logits_at(trainer.global_step) if shared is not None else None
+        if train_logits is None and self.scores_training_set:
             train_logits, _ = collect_logits(model, datamodule.train_eval_dataloader(), num_train, device)
         val_loader = _sharded(datamodule.val_dataloader())
         val_logits, val_y = collect_logits(model, val_loader, len(val_loader.dataset), device)

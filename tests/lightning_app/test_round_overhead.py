@@ -101,7 +101,7 @@ def test_per_epoch_per_sample_margins_also_shares_its_last_pass(tmp_path, traini
 
     _, state = _run(tmp_path, "per_epoch", MeanGapRule(), callbacks=[margins_callback])
     assert training_passes == [96, 96]
-    assert [c.latest_tag for c in made] == ["epoch0000", "epoch0000"]
+    assert [c.history[-1]["tag"] for c in made] == ["epoch0000", "epoch0000"]
     member = torch.load(tmp_path / "per_epoch" / "round_2" / "margins.pt", weights_only=True)["member_margins"]
     torch.testing.assert_close(made[1].margins, member)
 
