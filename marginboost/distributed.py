@@ -6,9 +6,27 @@ Per-sample values gathered by index, sums across ranks. They work without Lightn
 
 from __future__ import annotations
 
+import atexit
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def destroy_process_group_at_exit() -> None:
+    """Tear the default process group down while the interpreter is still whole.
+
+    Lightning does this at exit for NCCL only. A gloo group left to interpreter finalization can
+    abort the process (``terminate called without an active exception``, exit status -6) after
+    all its work is done, because gloo's worker threads still hold tensors that need the GIL.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# Registered at import, before any group exists: atexit runs handlers last-in first-out, so a
+# handler Lightning registers at init runs first and this one is then a no-op.
+atexit.register(destroy_process_group_at_exit)
 
 
 def is_distributed() -> bool:
