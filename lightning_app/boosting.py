@@ -18,10 +18,12 @@ rank, files are written by rank 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import subprocess
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -34,7 +36,7 @@ import torch
 import torch.distributed as dist
 from jsonargparse import lazy_instance
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -61,6 +63,11 @@ from .run_dir import (
 
 STATE_VERSION = 2
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+# written by a worker process next to the member it trained (concurrent_members > 1)
+PREFIT_FILE = "prefit.json"
+WORKER_LOG = "worker.log"
+# (round t, torch threads, log file) -> the worker process training member t (see member_worker.py)
+MemberLauncher = Callable[[int, int, Path], subprocess.Popen]
 
 
 @dataclass
@@ -78,6 +85,11 @@ class BoostingConfig:
         training_margins: score every member on the whole training set (margins, ``M``, the
             margin summaries and figures). ``null``: when the gap rule needs them, i.e. for every
             rule but ``NoGapRule``; ``true`` asks for them in a deep ensemble too.
+        concurrent_members: how many members train at once (one process each, the CPU threads
+            shared among them). Above 1 only with ``NoGapRule``, where no member depends on
+            another, and a trainer of one process; members and results are those of a sequential
+            run (same seeds). Helps where one small member leaves the machine idle: a few CPU
+            cores, or a GPU waiting on the host.
     """
 
     rounds: int = 3
@@ -86,6 +98,7 @@ class BoostingConfig:
     seed: int = 0
     resume: bool = True
     training_margins: bool | None = None
+    concurrent_members: int = 1
 
 
 def member_seed(seed: int, t: int) -> int:
@@ -215,6 +228,58 @@ class RoundCheckpoint(ModelCheckpoint):
             _set_rng_states(rng)
 
 
+class _Workers:
+    """The worker processes training later rounds' members while this process trains one.
+
+    While any runs, the torch CPU threads of this process are split evenly among the
+    ``concurrent`` processes (workers get the same share), so they do not oversubscribe the cores.
+    """
+
+    def __init__(self, launcher: MemberLauncher | None, concurrent: int) -> None:
+        self.launcher, self.concurrent = launcher, concurrent
+        self.total_threads = torch.get_num_threads()
+        self.threads = max(1, self.total_threads // concurrent)
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def __contains__(self, t: int) -> bool:
+        return t in self.procs
+
+    def launch(self, t: int, rdir: Path) -> None:
+        rdir.mkdir(parents=True, exist_ok=True)
+        self.procs[t] = self.launcher(t, self.threads, rdir / WORKER_LOG)
+
+    def wait(self, t: int) -> int:
+        """Wait for round ``t``'s worker; its exit status."""
+        return self.procs.pop(t).wait()
+
+    @contextlib.contextmanager
+    def sharing_threads(self):
+        if not self.procs:
+            yield
+            return
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self.total_threads)
+
+    def stop(self) -> None:
+        """End the workers still running (this process is stopping): their rounds resume later."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+
+
+def _digest(fingerprint: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(fingerprint), sort_keys=True).encode()).hexdigest()
+
+
 def _class_path(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
@@ -246,12 +311,14 @@ class BoostingOrchestrator:
             needs margins (see :class:`BoostingConfig`).
         ensemble_logger: where the ensemble's rounds are logged (:class:`EnsembleLogger`); by default
             TensorBoard events in ``run_dir/ensemble``.
+        concurrent_members: members trained at once (see :class:`BoostingConfig`); above 1,
+            :meth:`run` needs a ``member_launcher`` (``lightning fit`` passes one).
     """
 
     def __init__(self, rounds: int = 3, gap_rule: GapRule | None = None, run_dir: str | Path = "runs/boost",
                  seed: int = 0, resume: bool = True, config_fingerprint: Mapping[str, str] | None = None,
                  require_existing: bool = False, training_margins: bool | None = None,
-                 ensemble_logger: EnsembleLogger | None = None) -> None:
+                 ensemble_logger: EnsembleLogger | None = None, concurrent_members: int = 1) -> None:
         self.rounds = check_int("boosting.rounds", rounds, low=1)
         if gap_rule is not None and not isinstance(gap_rule, GapRule):
             raise ConfigError("boosting.gap_rule", type(gap_rule).__name__,
@@ -272,6 +339,11 @@ class BoostingOrchestrator:
                 raise ConfigError("boosting.training_margins", False,
                                   f"true or null with {self.gap_rule!r} (it computes the gaps from the margins)")
         self.training_margins = training_margins
+        self.concurrent_members = check_int("boosting.concurrent_members", concurrent_members, low=1)
+        if self.concurrent_members > 1 and not isinstance(self.gap_rule, NoGapRule):
+            raise ConfigError("boosting.concurrent_members", self.concurrent_members,
+                              f"1 with {self.gap_rule!r} (each member trains on the gaps of the members before "
+                              "it); above 1 only with NoGapRule, a deep ensemble")
         self.ensemble_logger = ensemble_logger or EnsembleLogger()
         self.state: dict[str, Any] | None = None
 
@@ -337,15 +409,22 @@ class BoostingOrchestrator:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, model_factory: Callable[[int, int], L.LightningModule],
-            trainer_factory: Callable[[int, Path], L.Trainer], datamodule: L.LightningDataModule) -> dict[str, Any]:
+            trainer_factory: Callable[[int, Path], L.Trainer], datamodule: L.LightningDataModule,
+            member_launcher: MemberLauncher | None = None) -> dict[str, Any]:
         """Train the remaining rounds; returns the summary (also written to ``summary.json``).
 
         Args:
             model_factory: ``(t, seed) -> LightningModule``, called after seeding; ``t`` in ``1..T``.
             trainer_factory: ``(t, round_dir) -> Trainer``; a fresh Trainer per round.
             datamodule: a ``GapDataModule`` (needs ``set_gaps``, ``train_eval_dataloader``).
+            member_launcher: starts the worker process that trains member ``t`` while this one
+                trains another (``concurrent_members > 1``); ``lightning fit`` passes one.
         """
         self.check_startable()
+        if self.concurrent_members > 1 and member_launcher is None:
+            raise ConfigError("boosting.concurrent_members", self.concurrent_members,
+                              "1 when run from Python without a member_launcher (`lightning fit` starts the "
+                              "worker processes)")
         if os.environ.get("LOCAL_RANK", "0") == "0":
             datamodule.prepare_data()  # download once per node, before the training set is read
         targets = _wait_for_training_set(datamodule)
@@ -356,58 +435,135 @@ class BoostingOrchestrator:
         display = RoundDisplay(self.rounds)
         if state["rounds_done"] == self.rounds:
             display.complete(state["rounds_done"], self.run_dir)
-        for t in range(state["rounds_done"] + 1, self.rounds + 1):
-            round_started = time.perf_counter()
-            seed = member_seed(self.seed, t)
-            display.start(t, seed)
-            L.seed_everything(seed, workers=True, verbose=False)
-            model = model_factory(t, seed)
-            self._check_head_takes_gaps(model)
-            rdir = round_dir(self.run_dir, t)
-            trainer = trainer_factory(t, rdir)
-            _check_trainer_trains(trainer)
-            trainer.callbacks.append(RoundCheckpoint(rdir / LAST_CHECKPOINT.parent))
-            shared = self._shareable_margin_callback(trainer)
-            display.attach(trainer)
-            last = rdir / LAST_CHECKPOINT
-            started = time.perf_counter()
-            trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
-            if trainer.interrupted:
-                raise KeyboardInterrupt(f"boosting round {t} was interrupted; re-run the command to resume")
-            fit_seconds = time.perf_counter() - started
-            checkpoint = rdir / MEMBER_FILE
-            trainer.save_checkpoint(checkpoint, weights_only=False)  # every rank calls it; rank 0 writes
-            train_logits, val_logits, val_y, score_seconds = self._score(model, trainer, datamodule, num_train, shared)
-            m = ensemble_m = None
-            if train_logits is not None:
-                train_logits = train_logits.cpu()
-                m = margins(train_logits, targets)
-                state["M"] = state["M"] + m
-                logit_sum = train_logits if state["train_logit_sum"] is None else state["train_logit_sum"] + train_logits
-                state["train_logit_sum"] = logit_sum
-                ensemble_m = margins(logit_sum, targets)
-            gaps = self.gap_rule(state["M"], t)
-            assert_identical_across_ranks(gaps, "gaps")
-            datamodule.set_gaps(gaps)
-            state["gaps"] = gaps.clone()
-            state["val_logits"].append(val_logits.cpu())
-            state["val_y"] = val_y.cpu()  # the reliability diagram's labels
-            metrics = ensemble_metrics(state["val_logits"], val_y.cpu())
-            relative = str(checkpoint.relative_to(self.run_dir))
-            record = {"round": t, "seed": seed, "checkpoint": relative, "fit_seconds": fit_seconds,
-                      "score_seconds": score_seconds, **metrics,
-                      "member_train_margin": None if m is None else margin_summary(m),
-                      "ensemble_train_margin": None if ensemble_m is None else margin_summary(ensemble_m),
-                      "gap": margin_summary(gaps), "sharpness": member_sharpness(trainer)}
-            state["members"].append({"round": t, "seed": seed, "checkpoint": relative,
-                                     "class_path": _class_path(model)})
-            state["history"].append(record)
-            state["rounds_done"] = t
-            self._commit(state, m, ensemble_m)
-            self._publish(state, targets)
-            self._record_round_time(state, time.perf_counter() - round_started)
-            display.end(state["history"])
+        workers = _Workers(member_launcher, self.concurrent_members)
+        try:
+            for t in range(state["rounds_done"] + 1, self.rounds + 1):
+                self._round(t, state, targets, model_factory, trainer_factory, datamodule, display, workers)
+        finally:
+            workers.stop()
         return self.summary(state)
+
+    def _round(self, t: int, state: dict[str, Any], targets: Tensor, model_factory, trainer_factory, datamodule,
+               display: RoundDisplay, workers: _Workers) -> None:
+        round_started = time.perf_counter()
+        num_train = datamodule.num_train
+        seed = member_seed(self.seed, t)
+        rdir = round_dir(self.run_dir, t)
+        display.start(t, seed)
+        if t in workers and (status := workers.wait(t)) != 0:
+            rank_zero_warn(f"boosting: the worker process for round {t} exited with status {status} (log: "
+                           f"{rdir / WORKER_LOG}); training the member here")
+        prefit = self._prefit(t, seed)
+        if prefit is None:
+            for u in range(t + 1, min(self.rounds, t + self.concurrent_members - 1) + 1):
+                if u not in workers and self._prefit(u, member_seed(self.seed, u)) is None:
+                    workers.launch(u, round_dir(self.run_dir, u))
+            with workers.sharing_threads():
+                model, trainer, fit_seconds, shared = self.fit_member(t, seed, model_factory, trainer_factory,
+                                                                       datamodule, display)
+            sharpness = member_sharpness(trainer)
+        else:
+            model, trainer = self._prefit_member(t, seed, prefit, model_factory, trainer_factory)
+            fit_seconds, sharpness, shared = prefit["fit_seconds"], prefit["sharpness"], None
+        checkpoint = rdir / MEMBER_FILE
+        train_logits, val_logits, val_y, score_seconds = self._score(model, trainer, datamodule, num_train, shared)
+        m = ensemble_m = None
+        if train_logits is not None:
+            train_logits = train_logits.cpu()
+            m = margins(train_logits, targets)
+            state["M"] = state["M"] + m
+            logit_sum = train_logits if state["train_logit_sum"] is None else state["train_logit_sum"] + train_logits
+            state["train_logit_sum"] = logit_sum
+            ensemble_m = margins(logit_sum, targets)
+        gaps = self.gap_rule(state["M"], t)
+        assert_identical_across_ranks(gaps, "gaps")
+        datamodule.set_gaps(gaps)
+        state["gaps"] = gaps.clone()
+        state["val_logits"].append(val_logits.cpu())
+        state["val_y"] = val_y.cpu()  # the reliability diagram's labels
+        metrics = ensemble_metrics(state["val_logits"], val_y.cpu())
+        relative = str(checkpoint.relative_to(self.run_dir))
+        record = {"round": t, "seed": seed, "checkpoint": relative, "fit_seconds": fit_seconds,
+                  "score_seconds": score_seconds, **metrics,
+                  "member_train_margin": None if m is None else margin_summary(m),
+                  "ensemble_train_margin": None if ensemble_m is None else margin_summary(ensemble_m),
+                  "gap": margin_summary(gaps), "sharpness": sharpness}
+        if prefit is not None:
+            record["trained_in_worker"] = True
+        state["members"].append({"round": t, "seed": seed, "checkpoint": relative,
+                                 "class_path": _class_path(model)})
+        state["history"].append(record)
+        state["rounds_done"] = t
+        self._commit(state, m, ensemble_m)
+        self._publish(state, targets)
+        self._record_round_time(state, time.perf_counter() - round_started)
+        display.end(state["history"])
+
+    def fit_member(self, t: int, seed: int, model_factory: Callable[[int, int], L.LightningModule],
+                   trainer_factory: Callable[[int, Path], L.Trainer], datamodule: L.LightningDataModule,
+                   display: RoundDisplay | None = None):
+        """Seed, build and fit member ``t``, resuming its round's ``last.ckpt``; save ``member.ckpt``.
+
+        Returns ``(model, trainer, fit_seconds, shared margin callback or None)``.
+        """
+        L.seed_everything(seed, workers=True, verbose=False)
+        model = model_factory(t, seed)
+        self._check_head_takes_gaps(model)
+        rdir = round_dir(self.run_dir, t)
+        trainer = trainer_factory(t, rdir)
+        _check_trainer_trains(trainer)
+        trainer.callbacks.append(RoundCheckpoint(rdir / LAST_CHECKPOINT.parent))
+        shared = self._shareable_margin_callback(trainer)
+        if display is not None:
+            display.attach(trainer)
+        last = rdir / LAST_CHECKPOINT
+        started = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"boosting round {t} was interrupted; re-run the command to resume")
+        fit_seconds = time.perf_counter() - started
+        trainer.save_checkpoint(rdir / MEMBER_FILE, weights_only=False)  # every rank calls it; rank 0 writes
+        return model, trainer, fit_seconds, shared
+
+    def fit_in_worker(self, t: int, model_factory: Callable[[int, int], L.LightningModule],
+                      trainer_factory: Callable[[int, Path], L.Trainer], datamodule: L.LightningDataModule) -> None:
+        """A worker process's whole job: fit member ``t`` on zero gaps, then write ``prefit.json``.
+
+        The file comes last (atomically), so a member counts as trained only when it is complete;
+        it records what the round's record needs and the run's fingerprint, which the
+        orchestrator compares before using the member.
+        """
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            datamodule.prepare_data()
+        targets = _wait_for_training_set(datamodule)
+        datamodule.set_gaps(torch.zeros(datamodule.num_train))
+        seed = member_seed(self.seed, t)
+        _, trainer, fit_seconds, _ = self.fit_member(t, seed, model_factory, trainer_factory, datamodule)
+        save_atomic({"round": t, "seed": seed, "fingerprint": _digest(self.fingerprint(targets)),
+                     "fit_seconds": fit_seconds, "sharpness": member_sharpness(trainer)},
+                    round_dir(self.run_dir, t) / PREFIT_FILE)
+
+    def _prefit(self, t: int, seed: int) -> dict[str, Any] | None:
+        """Member ``t`` as a worker left it (this run's fingerprint and seed), else ``None``."""
+        if self.concurrent_members == 1 or self.state is None:
+            return None
+        path = round_dir(self.run_dir, t) / PREFIT_FILE
+        if not path.is_file() or not (round_dir(self.run_dir, t) / MEMBER_FILE).is_file():
+            return None
+        prefit = json.loads(path.read_text())
+        if prefit.get("seed") != seed or prefit.get("fingerprint") != _digest(self.state["fingerprint"]):
+            return None
+        return prefit
+
+    def _prefit_member(self, t: int, seed: int, prefit: Mapping[str, Any], model_factory, trainer_factory):
+        """Member ``t`` built as :meth:`fit_member` builds it, with the weights a worker trained."""
+        L.seed_everything(seed, workers=True, verbose=False)
+        model = model_factory(t, seed)
+        saved = torch.load(round_dir(self.run_dir, t) / MEMBER_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["state_dict"])
+        rank_zero_info(f"boosting: round {t}'s member was trained by a worker process in {prefit['fit_seconds']:.1f} s "
+                       f"(log: {round_dir(self.run_dir, t) / WORKER_LOG})")
+        return model, trainer_factory(t, round_dir(self.run_dir, t))
 
     def _check_head_takes_gaps(self, model: L.LightningModule) -> None:
         """Before any training: a head that refuses gaps (``linear``) only boosts with ``NoGapRule``."""

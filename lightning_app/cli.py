@@ -73,10 +73,10 @@ RESULT_TRAINER_FIELDS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "
                          "reload_dataloaders_every_n_epochs")
 # Data fields that only change how data is delivered, not which samples or how they are augmented.
 FREE_DATA_FIELDS = ("num_workers", "pin_memory", "persistent_workers", "data_dir", "download")
-# Boosting fields outside the fingerprint: where the run lives, whether to resume, and the number of
-# rounds (raising it extends a run); the gap rule, seed and training_margins are compared by the
-# orchestrator itself.
-FREE_BOOSTING_FIELDS = ("run_dir", "resume", "rounds", "gap_rule", "seed", "training_margins")
+# Boosting fields outside the fingerprint: where the run lives, whether to resume, the number of
+# rounds (raising it extends a run) and how many members train at once; the gap rule, seed and
+# training_margins are compared by the orchestrator itself.
+FREE_BOOSTING_FIELDS = ("run_dir", "resume", "rounds", "gap_rule", "seed", "training_margins", "concurrent_members")
 
 
 def result_fingerprint(config) -> dict[str, str]:
@@ -139,6 +139,10 @@ class MarginBoostCLI(LightningCLI):
             return
         if self.subcommand == "fit":
             _check_trainer_trains(self.trainer)
+            if boosting.concurrent_members != 1 and self.trainer.world_size > 1:
+                raise ConfigError("boosting.concurrent_members", boosting.concurrent_members,
+                                  f"1 when each member's trainer spans {self.trainer.world_size} processes "
+                                  "(trainer.devices, trainer.num_nodes)")
             overrides = self._run_dir_overrides(ckpt_path)
             # the ensemble logs to the config's loggers (files re-rooted into the run directory)
             logger = EnsembleLogger(ensemble_loggers(self.trainer.loggers, overrides.get("run_dir", boosting.run_dir)),
@@ -174,7 +178,19 @@ class MarginBoostCLI(LightningCLI):
     def fit(self, model, datamodule=None, ckpt_path=None, **kwargs):
         if self._boosting() is None:
             return self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
-        return self.orchestrator.run(self._member_model, self._member_trainer, datamodule)
+        return self.orchestrator.run(self._member_model, self._member_trainer, datamodule,
+                                     member_launcher=self._member_launcher())
+
+    def _member_launcher(self):
+        """With ``boosting.concurrent_members > 1``: the resolved config written next to the run and
+        the launcher of the worker processes that read it (``member_worker.py``)."""
+        if self.orchestrator.concurrent_members == 1:
+            return None
+        from .member_worker import CONFIG_FILE, launcher
+
+        path = self.orchestrator.run_dir / CONFIG_FILE
+        path.write_text(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
+        return launcher(path.resolve())
 
     def _ensemble(self, ckpt_path) -> tuple[BoostedEnsemble, Path]:
         run_dir = Path(self._run_dir_overrides(ckpt_path).get("run_dir", self._boosting().run_dir))
@@ -243,7 +259,8 @@ class MarginBoostCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
 
-def build_cli(args: list[str] | None = None, run: bool = True, prog: str | None = None, **kwargs) -> MarginBoostCLI:
+def build_cli(args: list[str] | None = None, run: bool = True, prog: str | None = None,
+              cli_class: type[MarginBoostCLI] = MarginBoostCLI, **kwargs) -> MarginBoostCLI:
     """The CLI. ``auto_configure_optimizers=False``: the optimizer and LR scheduler exist only as
     ``model.init_args.optimizer`` / ``lr_scheduler`` (one path, honoured by boosting members too).
     ``prog``: the program name ``--help`` shows (``main`` passes how the command was started)."""
@@ -255,8 +272,8 @@ def build_cli(args: list[str] | None = None, run: bool = True, prog: str | None 
     kwargs.setdefault("auto_configure_optimizers", False)
     kwargs.setdefault("parser_kwargs", parser_kwargs(prog))
     # Any LightningModule (MarginClassifier, HyperNetClassifier, ...) taking num_classes/input_shape.
-    return MarginBoostCLI(L.LightningModule, GapDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                          args=args, run=run, **kwargs)
+    return cli_class(L.LightningModule, GapDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                     args=args, run=run, **kwargs)
 
 
 def user_error(exc: BaseException) -> str | None:
