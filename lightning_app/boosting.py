@@ -611,7 +611,7 @@ class BoostingOrchestrator:
         return train_logits, val_logits, val_y, time.perf_counter() - started
 
     def summary(self, state: dict[str, Any]) -> dict[str, Any]:
-        timed = [r for r in state["history"] if "round_seconds" in r]
+        timed = [r for r in state["history"] if "round_seconds" in r and not r.get("trained_in_worker")]
         fit = sum(r["fit_seconds"] for r in timed)
         overhead = sum(r["round_seconds"] - r["fit_seconds"] for r in timed) / fit if fit > 0 else None
         return {"rounds": self.rounds, "rounds_done": state["rounds_done"], "seed": self.seed,
@@ -628,7 +628,9 @@ class BoostingOrchestrator:
         """
         record = state["history"][-1]
         record["round_seconds"] = round_seconds
-        record["overhead"] = (round_seconds - record["fit_seconds"]) / record["fit_seconds"]
+        # a worker's member: this process only waited for it, there is no fit here to compare with
+        record["overhead"] = None if record.get("trained_in_worker") else \
+            (round_seconds - record["fit_seconds"]) / record["fit_seconds"]
         self._save_state_and_summary(state)
 
     @rank_zero_only

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from datamodules import Toy2DDataModule
-from lightning_app import BoostingOrchestrator, MeanGapRule, NoGapRule, build_cli, member_seed, resolve_config
+from lightning_app import (
+    BoostingOrchestrator,
+    MeanGapRule,
+    NoGapRule,
+    build_cli,
+    member_seed,
+    resolve_config,
+)
 from marginboost.errors import ConfigError
 from models import MarginClassifier
 
@@ -111,6 +118,8 @@ def test_workers_train_the_members_a_sequential_run_trains(tmp_path):
     run = tmp_path / "conc"
     # rounds 2 and 3 by workers (their logs and prefit records), round 1 here
     assert [r.get("trained_in_worker", False) for r in concurrent["history"]] == [False, True, True]
+    # only round 1 trained here: the others' overhead would compare a wait with a worker's fit
+    assert [r["overhead"] is None for r in concurrent["history"]] == [False, True, True]
     for t in (2, 3):
         assert json.loads((run / f"round_{t}" / "prefit.json").read_text())["seed"] == concurrent["history"][t - 1]["seed"]
         assert "max_epochs=1" in (run / f"round_{t}" / "worker.log").read_text()
