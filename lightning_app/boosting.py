@@ -88,8 +88,8 @@ class BoostingConfig:
         concurrent_members: how many members train at once (one process each, the CPU threads
             shared among them). Above 1 only with ``NoGapRule``, where no member depends on
             another, and a trainer of one process; members and results are those of a sequential
-            run (same seeds). Helps where one small member leaves the machine idle: a few CPU
-            cores, or a GPU waiting on the host.
+            run (same seeds). Each worker takes seconds to start: measured, it pays on a GPU with
+            members of a few epochs, not on a 2-core CPU (docs/boosting.md).
     """
 
     rounds: int = 3
