@@ -236,7 +236,7 @@ class _Workers:
     """
 
     def __init__(self, launcher: MemberLauncher | None, concurrent: int) -> None:
-        self.launcher, self.concurrent = launcher, concurrent
+        self.launcher = launcher
         self.total_threads = torch.get_num_threads()
         self.threads = max(1, self.total_threads // concurrent)
         self.procs: dict[int, subprocess.Popen] = {}
