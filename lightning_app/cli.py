@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from datamodules import GapDataModule
+from marginboost.allocator import tune_malloc
 from marginboost.errors import ConfigError
 
 from .boosted_ensemble import BoostedEnsemble, EnsemblePredictionWriter
@@ -263,7 +264,10 @@ def build_cli(args: list[str] | None = None, run: bool = True, prog: str | None 
               cli_class: type[MarginBoostCLI] = MarginBoostCLI, **kwargs) -> MarginBoostCLI:
     """The CLI. ``auto_configure_optimizers=False``: the optimizer and LR scheduler exist only as
     ``model.init_args.optimizer`` / ``lr_scheduler`` (one path, honoured by boosting members too).
-    ``prog``: the program name ``--help`` shows (``main`` passes how the command was started)."""
+    ``prog``: the program name ``--help`` shows (``main`` passes how the command was started).
+    On CPU, freed activations are kept for reuse (:mod:`marginboost.allocator`;
+    ``MARGINBOOST_MALLOC_TUNING=0`` keeps glibc's defaults)."""
+    tune_malloc()
     kwargs.setdefault("trainer_defaults", {
         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                    "init_args": {"save_dir": "runs", "name": "marginboost", "default_hp_metric": False}},
