@@ -119,6 +119,15 @@ class MarginClassifier(L.LightningModule):
             self.__dict__["_compiled_backbone"] = torch.compile(self.backbone)
         return self.__dict__["_compiled_backbone"]
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets this name around every hook call, 44 times a training step; nn.Module's
+        # __setattr__ first looks through parameters, buffers and submodules (1.3 µs against
+        # 0.2 µs), which shows once the host sets the pace of a small model's steps.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __getstate__(self) -> dict[str, Any]:
         # Compiled wrappers do not pickle or deep-copy; a copy recompiles on its first use.
         state = dict(super().__getstate__())

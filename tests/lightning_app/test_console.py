@@ -283,3 +283,17 @@ def test_progress_bar_advances_the_run_clock(tmp_path, leave):
     assert seen == pytest.approx([1 + k / 8 for k in range(1, 9)])  # 2 epochs × 4 batches
     run_line = [task for task in bar.progress.tasks if task.description == "round 2/4"]
     assert len(run_line) == 1 and run_line[0].completed == pytest.approx(2.0)  # 2 of 4 rounds
+
+
+def test_progress_bar_redraws_ten_times_a_second_unless_configured(tmp_path):
+    from lightning_app.console import MarginBoostProgressBar
+
+    assert MarginBoostProgressBar(refresh_rate=3).refresh_rate == 3
+    bar = MarginBoostProgressBar()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[bar],
+                        default_root_dir=str(tmp_path))
+    trainer.fit(MarginClassifier(num_classes=2, input_shape=(2,), backbone="mlp", backbone_kwargs={"width": 4}),
+                datamodule=Toy2DDataModule(num_train=16, num_val=8, batch_size=8))
+    # Lightning's default redraws 100 times a second from a thread that holds the GIL
+    assert bar.refresh_rate == 10 and bar.progress.live.refresh_per_second == 10
