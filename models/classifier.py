@@ -28,6 +28,21 @@ def default_optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
 
 
+# Training steps whose logits are kept before their accuracy and margins are summed together.
+TRAIN_METRIC_BLOCK = 32
+
+
+def _sum_block(sums: dict[str, Any]) -> None:
+    """Add the kept batches' correct predictions and margin sum to ``sums`` and empty the block."""
+    block, sums["block"] = sums["block"], []
+    if not block:
+        return
+    logits, y = torch.cat([b[0] for b in block]), torch.cat([b[1] for b in block])
+    dtype = sums["values"].dtype
+    with torch.no_grad():
+        sums["values"] += torch.stack([(logits.argmax(1) == y).sum().to(dtype), margins(logits, y).to(dtype).sum()])
+
+
 class MarginClassifier(L.LightningModule):
     """``f(x) = W ∘ BN ∘ backbone(x)`` trained with the discounted cross-entropy.
 
@@ -102,7 +117,7 @@ class MarginClassifier(L.LightningModule):
         # Kept out of the module tree (no duplicate parameters in state_dict); built on first use.
         self.__dict__["_compiled_backbone"] = None
         # Evaluation metrics as metric objects, synchronised once per epoch. The training ones are
-        # a fused running sum instead (see log_train_metrics).
+        # running sums on the device instead (see log_train_metrics).
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -157,23 +172,25 @@ class MarginClassifier(L.LightningModule):
     def log_train_metrics(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
         """Accumulate the epoch's ``train/loss``, ``train/acc`` and ``train/margin_mean``.
 
-        One fused in-place update per step on the device (loss·n, correct predictions, margin sum;
-        the count stays on the host), no host sync and no ``self.log`` call: per step these cost
-        more host time than the arithmetic, which shows as soon as the host, not the device, sets
-        the pace. The sums are reduced over ranks and logged once, at the epoch's last batch
-        (or at its end when the epoch is cut short), so callbacks read them at the epoch's end.
+        Per step one in-place update on the device (the loss times the batch size, added in the
+        sums' precision) and the detached logits and labels kept; every
+        :data:`TRAIN_METRIC_BLOCK` steps, and at the epoch's end, the kept batches' correct
+        predictions and margins are summed in one batched pass. The count stays on the host. No
+        host sync and no ``self.log`` call per step: per step those, and a dozen small kernels,
+        cost more host time than the arithmetic, which shows as soon as the host, not the
+        device, sets the pace. The sums are reduced over ranks and logged once, at the epoch's
+        last batch (or at its end when the epoch is cut short), so callbacks read them at the
+        epoch's end.
         """
         if self._trainer is None:  # a step outside a Trainer (a test, a custom loop): nothing to log to
             return
-        n = y.shape[0]
         sums = self._train_sums(logits.device)
-        dtype = sums["values"].dtype
         with torch.no_grad():
-            logits = logits.detach()
-            # in the sums' precision before scaling: a bf16 loss times n would round
-            sums["values"] += torch.stack([loss.detach().to(dtype) * n, (logits.argmax(1) == y).sum().to(dtype),
-                                           margins(logits, y).sum().to(dtype)])
-        sums["count"] += n
+            sums["loss"].add_(loss.detach(), alpha=y.shape[0])  # a bf16 loss is widened before scaling
+        sums["block"].append((logits.detach(), y))
+        sums["count"] += y.shape[0]
+        if len(sums["block"]) >= TRAIN_METRIC_BLOCK:
+            _sum_block(sums)
         if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._log_train_epoch()
 
@@ -184,7 +201,8 @@ class MarginClassifier(L.LightningModule):
         sums = self.__dict__.get("_train_sums_state")
         if sums is None or sums["epoch"] != epoch:
             dtype = torch.float32 if device.type == "mps" else torch.float64
-            sums = {"epoch": epoch, "values": torch.zeros(3, device=device, dtype=dtype), "count": 0, "logged": False}
+            sums = {"epoch": epoch, "loss": torch.zeros((), device=device, dtype=dtype),
+                    "values": torch.zeros(2, device=device, dtype=dtype), "block": [], "count": 0, "logged": False}
             self.__dict__["_train_sums_state"] = sums
         return sums
 
@@ -194,8 +212,9 @@ class MarginClassifier(L.LightningModule):
         if sums is None or sums["logged"]:
             return
         sums["logged"] = True
+        _sum_block(sums)
         values = sums["values"]
-        totals = all_reduce_sum(torch.cat([values, values.new_tensor([sums["count"]])])).tolist()
+        totals = all_reduce_sum(torch.cat([sums["loss"].view(1), values, values.new_tensor([sums["count"]])])).tolist()
         if totals[3] == 0:
             return
         loss, correct, margin_sum, n = totals

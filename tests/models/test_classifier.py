@@ -87,7 +87,17 @@ def _by_hand(batches) -> dict[str, float]:
             "train/margin_mean": float(torch.cat([_margins_by_hand(lg, y) for _, lg, y in batches]).mean())}
 
 
-def test_epoch_metrics_equal_the_batches_by_hand_every_epoch_and_fit():
+@pytest.fixture(params=[32, 3, 1], ids=["block32", "block3", "block1"])
+def metric_block(request, monkeypatch):
+    """Steps kept before the accuracy and margins are summed: the default, and blocks that a
+    4-batch epoch fills once with a remainder, or at every step."""
+    import models.classifier
+
+    monkeypatch.setattr(models.classifier, "TRAIN_METRIC_BLOCK", request.param)
+    return request.param
+
+
+def test_epoch_metrics_equal_the_batches_by_hand_every_epoch_and_fit(metric_block):
     """The metric objects are registered with ``self.log`` once per epoch; the logged values must
     still be each epoch's own (reset between epochs and between fits), not a running total."""
     model = _Recording(num_classes=10, input_shape=(1, 8, 8), backbone="mlp", backbone_kwargs={"width": 16})
@@ -104,7 +114,7 @@ def test_epoch_metrics_equal_the_batches_by_hand_every_epoch_and_fit():
             assert logged[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (epoch, key)
 
 
-def test_epoch_cut_short_by_max_steps_still_logs_its_own_batches():
+def test_epoch_cut_short_by_max_steps_still_logs_its_own_batches(metric_block):
     model = _Recording(num_classes=10, input_shape=(1, 8, 8), backbone="mlp", backbone_kwargs={"width": 16})
     model.epoch_values = []
     L.Trainer(max_steps=6, limit_train_batches=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
