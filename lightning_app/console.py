@@ -179,9 +179,9 @@ class MarginBoostProgressBar(RichProgressBar):
     (the remaining time from :meth:`RunClock.eta`).
 
     ``refresh_rate`` (redraws per second) defaults to 10 rather than Lightning's 100: the bar is
-    redrawn by a thread that holds the GIL while it renders, and at 100 a second that thread took
-    about 4 % of a small CPU model's step time on 2 cores (``docs/performance.md``); 10 redraws a
-    second look the same.
+    redrawn by a thread that holds the GIL while it renders, 1.3 ms a redraw on a terminal
+    (``docs/performance.md``), so at 100 a second the training thread waited for about an eighth
+    of the time; 10 redraws a second look the same.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

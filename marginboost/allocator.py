@@ -4,10 +4,11 @@ glibc serves a request above its mmap threshold (128 KiB, raised on the fly to a
 with a fresh ``mmap`` and unmaps it again on ``free``; it also trims the heap's free top beyond
 a trim threshold. A CPU training step allocates and frees its activations, several MiB to
 hundreds of MiB each, at every step, so every step faults their pages in again and the kernel
-zeroes them: on the 2-core development machine that was a sixth of a one-thread step's CPU time
-(``sys``), and an evaluation pass over 10,000 images in one batch ran 2-3 times slower than
-with the thresholds raised (``docs/performance.md``). PyTorch's CPU tuning guide gives the same
-cause for its advice to preload jemalloc or tcmalloc.
+zeroes them: on the 2-core development machine that was a sixth to a fifth of a one-thread
+step's CPU time (``sys``), and an evaluation pass over 10,000 images in batches of 1,000 took 2.9
+times as long as with the thresholds raised (``bench/bench_allocator.py``,
+``docs/performance.md``). PyTorch's CPU tuning guide gives the same cause for its advice to
+preload jemalloc or tcmalloc.
 
 :func:`tune_malloc` raises both thresholds to 1 GiB in this process, through ``mallopt``. The
 price: up to that much freed memory stays in the process (its resident size stays near its
