@@ -118,6 +118,19 @@ def ours(args, workdir: Path) -> tuple[float, float, float, float]:
     return wall, fit, float(summary["history"][-1]["deep_acc"]), cpu
 
 
+def their_setup(args) -> tuple[DataLoader, DataLoader, dict, dict]:
+    """TorchEnsemble's side as its documented use: shuffled training and test ``DataLoader`` of
+    ``TensorDataset`` s, the estimator's arguments and the SGD settings."""
+    _, dm_class, model_kwargs, batch_size, sgd = SETUPS[args.data]
+    dm = dm_class(augment=False, data_dir=args.data_dir, download=False) if args.data == "fashion" else dm_class()
+    train, _, test = dm.load()
+    train_loader = DataLoader(TensorDataset(*normalised(train, dm)), batch_size=batch_size, shuffle=True)
+    test_loader = DataLoader(TensorDataset(*normalised(test, dm)), batch_size=1000)
+    estimator_args = {"num_classes": dm.num_classes, "input_shape": dm.input_shape, "head_init": "orthogonal",
+                      "freeze_head": True, **model_kwargs}
+    return train_loader, test_loader, estimator_args, sgd
+
+
 def theirs(args, device: torch.device) -> tuple[float, float, float, float]:
     """Wall seconds of TorchEnsemble's VotingClassifier, its fit seconds, its test accuracy, and
     the process's CPU seconds of the run."""
@@ -128,14 +141,9 @@ def theirs(args, device: torch.device) -> tuple[float, float, float, float]:
         from marginboost import tune_malloc
 
         tune_malloc()
-    _, dm_class, model_kwargs, batch_size, sgd = SETUPS[args.data]
-    dm = dm_class(augment=False, data_dir=args.data_dir, download=False) if args.data == "fashion" else dm_class()
-    train, _, test = dm.load()
-    train_loader = DataLoader(TensorDataset(*normalised(train, dm)), batch_size=batch_size, shuffle=True)
-    test_loader = DataLoader(TensorDataset(*normalised(test, dm)), batch_size=1000)
+    train_loader, test_loader, estimator_args, sgd = their_setup(args)
     ensemble = VotingClassifier(estimator=MarginClassifier, n_estimators=args.members, cuda=device.type == "cuda",
-                                estimator_args={"num_classes": dm.num_classes, "input_shape": dm.input_shape,
-                                                "head_init": "orthogonal", "freeze_head": True, **model_kwargs})
+                                estimator_args=estimator_args)
     ensemble.set_optimizer("SGD", **sgd)
     ensemble.set_scheduler("CosineAnnealingLR", T_max=args.epochs)
     fit_start = time.perf_counter()
@@ -150,13 +158,8 @@ class TheirSteps:
     ``TensorDataset``, zero_grad, forward, cross-entropy, backward, step), run ``n`` steps at a time."""
 
     def __init__(self, args, device: torch.device) -> None:
-        _, dm_class, model_kwargs, batch_size, sgd = SETUPS[args.data]
-        dm = dm_class(augment=False, data_dir=args.data_dir, download=False) if args.data == "fashion" else dm_class()
-        train = dm.load()[0]
-        x, y = normalised(train, dm)
-        self.loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=True)
-        self.model = MarginClassifier(num_classes=dm.num_classes, input_shape=dm.input_shape, head_init="orthogonal",
-                                      freeze_head=True, **model_kwargs).to(device).train()
+        self.loader, _, estimator_args, sgd = their_setup(args)
+        self.model = MarginClassifier(**estimator_args).to(device).train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), **sgd)
         self.device, self.batches = device, iter(())
 
